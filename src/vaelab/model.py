@@ -1,0 +1,205 @@
+"""The VAE: an amortised Gaussian encoder q(z|x), the prior N(0, I) and a decoder likelihood p(x|z).
+
+The model maps images to distributions and nothing else: no loss weights, optimiser, data or
+logging live here (objectives are in :mod:`vaelab.objectives`, training in :mod:`vaelab.train`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vaelab.config import Config, ModelConfig, from_dict, to_dict
+from vaelab.distributions import DiagonalGaussian, StandardNormal
+from vaelab.likelihoods import build_likelihood
+from vaelab.nets import ARCHITECTURES
+
+
+class VAE(nn.Module):
+    """A variational autoencoder for images of shape (C, H, W).
+
+    Args:
+        encoder: (B, C, H, W) -> (mu, logvar), each (B, Z).
+        decoder: (B, Z) -> raw likelihood parameters (B, P*C, H, W).
+        likelihood: the head turning raw parameters into p(x|z).
+        latent_dim: Z.
+        shape: (C, H, W) of the images.
+    """
+
+    def __init__(
+        self,
+        encoder: nn.Module,
+        decoder: nn.Module,
+        likelihood: nn.Module,
+        latent_dim: int,
+        shape: tuple[int, int, int],
+    ) -> None:
+        super().__init__()
+        self.encoder = encoder
+        self.decoder = decoder
+        self.likelihood = likelihood
+        self.latent_dim = int(latent_dim)
+        self.shape = tuple(int(s) for s in shape)
+        self.prior = StandardNormal(self.latent_dim)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check(self, x: torch.Tensor) -> None:
+        if x.dim() != 4 or tuple(x.shape[1:]) != self.shape:
+            raise ValueError(
+                f"expected images of shape (B, {', '.join(map(str, self.shape))}), "
+                f"got {tuple(x.shape)}"
+            )
+
+    def encode(self, x: torch.Tensor) -> DiagonalGaussian:
+        """q(z|x) for a batch x of shape (B, C, H, W) in [0, 1]."""
+        self._check(x)
+        mu, logvar = self.encoder(x)
+        return DiagonalGaussian(mu, logvar)
+
+    def decode(self, z: torch.Tensor):
+        """p(x|z) for latents z of shape (B, Z) (or (K, B, Z), flattened and restored)."""
+        if z.shape[-1] != self.latent_dim:
+            raise ValueError(f"expected latents (..., {self.latent_dim}), got {tuple(z.shape)}")
+        lead = z.shape[:-1]
+        raw = self.decoder(z.reshape(-1, self.latent_dim))
+        if len(lead) > 1:
+            raw = raw.view(*lead, *raw.shape[1:]).flatten(0, len(lead) - 1)
+        return self.likelihood(raw)
+
+    def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):
+        """Encode, draw one reparameterised z, decode: returns (q_z, p_x, z)."""
+        q_z = self.encode(x)
+        z = q_z.rsample(generator=generator)
+        return q_z, self.decode(z), z
+
+    @torch.no_grad()
+    def sample(
+        self, n: int, temperature: float = 1.0, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """Decode n prior draws z ~ N(0, temperature^2 I); returns the means of p(x|z), (n, C, H, W)."""
+        z = self.prior.sample(n, temperature=temperature, device=self.device, generator=generator)
+        return self.decode(z).mean
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x | z = E[q(z|x)]), (B, C, H, W) in [0, 1]."""
+        return self.decode(self.encode(x).mu).mean
+
+
+def build_model(cfg: ModelConfig | Config, shape: tuple[int, int, int]) -> VAE:
+    """Build the VAE that ``cfg`` describes for images of ``shape`` (C, H, W).
+
+    The shape comes from the data (``DataInfo.shape``), never from the config.
+    """
+    if isinstance(cfg, Config):
+        cfg = cfg.model
+    shape = tuple(int(s) for s in shape)
+    if len(shape) != 3:
+        raise ValueError(f"image shape must be (C, H, W), got {shape}")
+    if cfg.latent_dim < 1:
+        raise ValueError(f"model.latent_dim must be >= 1, got {cfg.latent_dim}")
+    likelihood = build_likelihood(
+        cfg.likelihood,
+        shape,
+        {"sigma": cfg.sigma, "sigma_floor": cfg.sigma_floor, "gaussian_link": cfg.gaussian_link},
+    )
+    builder = ARCHITECTURES.get(cfg.arch)
+    encoder, decoder = builder(cfg, shape, likelihood.params_per_channel * shape[0])
+    return VAE(encoder, decoder, likelihood, cfg.latent_dim, shape)
+
+
+def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
+    """Number of (trainable) parameters."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)
+
+
+# ------------------------------------------------------------------------------ save / load
+
+
+def save_model(model: VAE, cfg: ModelConfig | Config, directory: str | os.PathLike) -> Path:
+    """Write ``config.json`` (the model config and image shape) and ``model.safetensors``.
+
+    Nothing is pickled: :func:`load_model` rebuilds the network through the registry.
+    """
+    from safetensors.torch import save_file
+
+    from vaelab.config import Config as _Config
+    from vaelab.io import atomic_path, atomic_write_text
+
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    full = cfg if isinstance(cfg, _Config) else None
+    payload = to_dict(full) if full is not None else {"model": to_dict(cfg)}
+    payload["image_shape"] = list(model.shape)
+    atomic_write_text(directory / "config.json", json.dumps(payload, indent=2))
+    state = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    with atomic_path(directory / "model.safetensors") as tmp:
+        save_file(state, str(tmp), metadata={"format": "pt", "vaelab": "1"})
+    return directory
+
+
+def load_model(directory: str | os.PathLike, device: torch.device | str = "cpu") -> VAE:
+    """Rebuild a model saved by :func:`save_model` (or a run folder) and load its weights."""
+    from safetensors.torch import load_file
+
+    directory = Path(directory)
+    cfg_path, weights = directory / "config.json", directory / "model.safetensors"
+    for p in (cfg_path, weights):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} not found: expected a folder written by save_model")
+    payload = json.loads(cfg_path.read_text())
+    if "image_shape" not in payload or "model" not in payload:
+        raise ValueError(f"{cfg_path} lacks 'model' or 'image_shape'")
+    mcfg = from_dict(ModelConfig, payload["model"], "model")
+    model = build_model(mcfg, tuple(payload["image_shape"]))
+    state = load_file(str(weights), device="cpu")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"{weights} does not match the config: missing {missing}, unexpected {unexpected}"
+        )
+    return model.to(device).eval()
+
+
+def model_summary(model: VAE, depth: int = 3) -> str:
+    """A Keras-style table (layer, output shape, parameters, totals) for encoder and decoder.
+
+    Uses torchinfo; the encoder is summarised on one (1, C, H, W) input and the decoder on one
+    (1, Z) latent, as in Zhao et al.'s Figures 9-10.
+    """
+    from torchinfo import summary
+
+    was_training = model.training
+    model.eval()
+    try:
+        enc = summary(
+            model.encoder,
+            input_size=(1, *model.shape),
+            depth=depth,
+            verbose=0,
+            device=model.device,
+            col_names=("output_size", "num_params"),
+        )
+        dec = summary(
+            model.decoder,
+            input_size=(1, model.latent_dim),
+            depth=depth,
+            verbose=0,
+            device=model.device,
+            col_names=("output_size", "num_params"),
+        )
+    finally:
+        model.train(was_training)
+    lik = count_parameters(model.likelihood)
+    lines = ["Encoder", str(enc), "", "Decoder", str(dec)]
+    if lik:
+        lines += ["", f"Likelihood parameters: {lik:,}"]
+    lines += ["", f"Total parameters: {count_parameters(model):,}"]
+    return "\n".join(lines)
