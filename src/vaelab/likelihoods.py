@@ -172,7 +172,9 @@ class GaussianLearnedChannel(_GaussianBase):
         gaussian_link: str = "sigmoid",
     ) -> None:
         super().__init__(shape, sigma, sigma_floor, gaussian_link)
-        init = math.log(self.sigma)
+        # Invert the smooth floor so that the initial sigma is exactly ``sigma``.
+        gap = max(math.log(self.sigma) - self.log_floor, 1e-6)
+        init = self.log_floor + math.log(math.expm1(gap))
         self.log_sigma = nn.Parameter(torch.full((1, shape[0], 1, 1), init))
 
     def forward(self, raw: torch.Tensor) -> GaussianDist:

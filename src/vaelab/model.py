@@ -160,7 +160,10 @@ def load_model(directory: str | os.PathLike, device: torch.device | str = "cpu")
     mcfg = from_dict(ModelConfig, payload["model"], "model")
     model = build_model(mcfg, tuple(payload["image_shape"]))
     state = load_file(str(weights), device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ValueError(f"{weights} does not match {cfg_path}: {exc}") from None
     if missing or unexpected:
         raise ValueError(
             f"{weights} does not match the config: missing {missing}, unexpected {unexpected}"

@@ -52,3 +52,20 @@ def build_mlp(cfg, shape: tuple[int, int, int], out_channels: int) -> tuple[nn.M
     )
     assert math.prod((out_channels, h, w)) == out_channels * h * w
     return encoder, decoder
+
+
+@ARCHITECTURES.register("linear")
+def build_linear(
+    cfg, shape: tuple[int, int, int], out_channels: int
+) -> tuple[nn.Module, nn.Module]:
+    """Linear encoder and decoder (no hidden layer).
+
+    With the ``gaussian`` likelihood and ``gaussian_link = "identity"`` this is probabilistic
+    PCA (Tipping & Bishop 1999), whose log p(x) is known in closed form.
+    """
+    c, h, w = shape
+    encoder = MLPEncoder(c * h * w, (), cfg.latent_dim, cfg.activation, 0.0)
+    decoder = nn.Sequential(
+        nn.Linear(cfg.latent_dim, out_channels * h * w), Reshape(out_channels, h, w)
+    )
+    return encoder, decoder

@@ -1,0 +1,140 @@
+"""The VAE and its architectures: shapes, gradients, save/load round trips, parameter counts."""
+
+import json
+
+import pytest
+import torch
+
+from vaelab.config import Config, ModelConfig
+from vaelab.likelihoods import LIKELIHOODS
+from vaelab.model import build_model, count_parameters, load_model, model_summary, save_model
+from vaelab.nets import ARCHITECTURES
+from vaelab.objectives import elbo
+
+SHAPES = [(1, 28, 28), (3, 32, 32), (3, 64, 48)]
+
+
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("likelihood", LIKELIHOODS.names())
+@pytest.mark.parametrize("arch", ARCHITECTURES.names())
+def test_forward_backward_without_nan(arch, likelihood, shape):
+    torch.manual_seed(0)
+    hidden = {"mlp": (32,), "conv": (), "dcgan": (8, 16, 16, 32), "resnet": (8, 16), "linear": ()}
+    model = build_model(
+        ModelConfig(arch=arch, latent_dim=4, likelihood=likelihood, hidden=hidden[arch]), shape
+    )
+    x = torch.rand(3, *shape)
+    if likelihood == "bernoulli":
+        x = x.round()
+    if likelihood == "discretized-logistic":
+        x = (x * 255).round() / 255
+    out = elbo(model, x)
+    assert out.elbo.shape == (3,) and torch.isfinite(out.loss)
+    out.loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    q_z, p_x, z = model(x)
+    assert z.shape == (3, 4) and p_x.mean.shape == x.shape
+    assert model.sample(2).shape == (2, *shape)
+    assert model.reconstruct(x).shape == x.shape
+
+
+@pytest.mark.parametrize("likelihood", LIKELIHOODS.names())
+@pytest.mark.parametrize("arch", ARCHITECTURES.names())
+def test_save_load_gives_identical_outputs(tmp_path, arch, likelihood):
+    cfg = ModelConfig(
+        arch=arch,
+        latent_dim=3,
+        likelihood=likelihood,
+        hidden={"dcgan": (8, 16), "resnet": (8,)}.get(arch, ()),
+    )
+    torch.manual_seed(1)
+    model = build_model(cfg, (1, 16, 12))
+    # Move BatchNorm statistics away from their initial values so the round trip is meaningful.
+    model.train()
+    model(torch.rand(8, 1, 16, 12))
+    model.eval()
+    save_model(model, cfg, tmp_path)
+    assert json.loads((tmp_path / "config.json").read_text())["image_shape"] == [1, 16, 12]
+    loaded = load_model(tmp_path)
+    x = torch.rand(4, 1, 16, 12)
+    g1, g2 = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        a, b = model.reconstruct(x), loaded.reconstruct(x)
+        sa, sb = model.sample(3, generator=g1), loaded.sample(3, generator=g2)
+    assert torch.equal(a, b) and torch.equal(sa, sb)
+    assert not list(tmp_path.glob("*.pkl")) and not list(tmp_path.glob("*.pt"))
+
+
+def test_save_full_config_and_load(tmp_path):
+    cfg = Config(model=ModelConfig(latent_dim=2, hidden=(8,)))
+    model = build_model(cfg, (1, 8, 8))
+    save_model(model, cfg, tmp_path)
+    payload = json.loads((tmp_path / "config.json").read_text())
+    assert payload["train"]["lr"] == cfg.train.lr
+    assert load_model(tmp_path).latent_dim == 2
+
+
+def test_load_errors_name_the_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        load_model(tmp_path)
+    cfg = ModelConfig(latent_dim=2, hidden=(8,))
+    save_model(build_model(cfg, (1, 8, 8)), cfg, tmp_path)
+    payload = json.loads((tmp_path / "config.json").read_text())
+    payload["model"]["latent_dim"] = 3
+    (tmp_path / "config.json").write_text(json.dumps(payload))
+    with pytest.raises((ValueError, RuntimeError), match="model.safetensors|size mismatch"):
+        load_model(tmp_path)
+
+
+# Zhao et al. Table 1 (MLP, 256 hidden) and Table 2 (conv); Chakravarthy Table 1 (CIFAR-10 MLP).
+@pytest.mark.parametrize("z,expected", [(2, 404_244), (5, 406_554), (16, 415_024)])
+def test_zhao_mlp_parameter_counts(z, expected):
+    model = build_model(ModelConfig(arch="mlp", hidden=(256,), latent_dim=z), (1, 28, 28))
+    assert count_parameters(model) == expected
+
+
+@pytest.mark.parametrize("z,expected", [(2, 184_421), (5, 194_027), (16, 229_249)])
+def test_zhao_conv_parameter_counts(z, expected):
+    model = build_model(ModelConfig(arch="conv", latent_dim=z), (1, 28, 28))
+    assert count_parameters(model) == expected
+    if z == 2:
+        assert count_parameters(model.encoder) == 119_332
+        assert count_parameters(model.decoder) == 65_089
+
+
+def test_chakravarthy_cifar_mlp_parameter_count():
+    cfg = ModelConfig(
+        arch="mlp", hidden=(512,), latent_dim=256, activation="gelu", likelihood="gaussian"
+    )
+    assert count_parameters(build_model(cfg, (3, 32, 32))) == 3_543_552
+
+
+def test_dcgan_feature_map_sizes_follow_astorga():
+    model = build_model(ModelConfig(arch="dcgan", latent_dim=8), (3, 64, 48))
+    h = model.encoder.body(torch.zeros(2, 3, 64, 48))
+    assert h.shape == (2, 256 * 4 * 3)  # 64x48 -> 32x24 -> 16x12 -> 8x6 -> 4x3
+
+
+def test_model_summary_table():
+    text = model_summary(build_model(ModelConfig(arch="conv", latent_dim=2), (1, 28, 28)))
+    assert "Total parameters: 184,421" in text
+    assert "Conv2d" in text and "ConvTranspose2d" in text and "119,332" in text
+
+
+def test_input_shape_errors():
+    model = build_model(ModelConfig(latent_dim=2, hidden=(8,)), (1, 8, 8))
+    with pytest.raises(ValueError, match=r"expected images of shape \(B, 1, 8, 8\)"):
+        model.encode(torch.zeros(2, 1, 8, 9))
+    with pytest.raises(ValueError, match="latents"):
+        model.decode(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match="unknown architecture 'transformer'"):
+        build_model(ModelConfig(arch="transformer"), (1, 8, 8))
+    with pytest.raises(ValueError, match="activation"):
+        build_model(ModelConfig(activation="swishy"), (1, 8, 8))
+
+
+def test_temperature_zero_samples_the_prior_mean():
+    model = build_model(ModelConfig(latent_dim=2, hidden=(8,)), (1, 8, 8)).eval()
+    a = model.sample(3, temperature=0.0)
+    assert torch.allclose(a, model.decode(torch.zeros(1, 2)).mean.expand(3, -1, -1, -1))
