@@ -117,6 +117,7 @@ class TrainConfig:
     max_bad_steps: int = 0
     figures: bool = True
     report: bool = True
+    tensorboard: bool = False
 
 
 @dataclass(frozen=True)
