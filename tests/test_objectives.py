@@ -238,3 +238,13 @@ def test_compute_objective_dispatch():
         model, x, ObjectiveConfig(beta=2.0, warmup="linear", warmup_steps=4), step=2
     )
     assert out.beta == 1.0
+
+
+def test_explicit_noise_matches_generator_noise():
+    model, x = _small_model(), _binary()
+    eps = torch.randn(2, 8, 3, generator=torch.Generator().manual_seed(9))
+    a = elbo(model, x, n_samples=2, eps=eps).elbo
+    b = elbo(model, x, n_samples=2, generator=torch.Generator().manual_seed(9)).elbo
+    assert torch.allclose(a, b)
+    with pytest.raises(ValueError, match="eps has shape"):
+        elbo(model, x, eps=torch.zeros(1, 4, 3))

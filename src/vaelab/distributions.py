@@ -33,14 +33,24 @@ class DiagonalGaussian:
         return self.mu
 
     def rsample(
-        self, n: int | None = None, generator: torch.Generator | None = None
+        self,
+        n: int | None = None,
+        generator: torch.Generator | None = None,
+        eps: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Reparameterised sample z = mu + sigma * eps (Kingma & Welling 2013, eq. 4).
 
-        Returns (B, Z), or (n, B, Z) when ``n`` is given.
+        Returns (B, Z), or (n, B, Z) when ``n`` is given. ``eps`` supplies the standard-normal
+        noise explicitly (same shape as the result), e.g. so that data-parallel ranks can use
+        their slice of one global draw.
         """
         shape = self.mu.shape if n is None else (n, *self.mu.shape)
-        eps = torch.randn(shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype)
+        if eps is None:
+            eps = torch.randn(
+                shape, generator=generator, device=self.mu.device, dtype=self.mu.dtype
+            )
+        elif tuple(eps.shape) != tuple(shape):
+            raise ValueError(f"eps has shape {tuple(eps.shape)}, expected {tuple(shape)}")
         return self.mu + self.std * eps
 
     def sample(

@@ -67,6 +67,7 @@ def elbo(
     free_bits: float = 0.0,
     analytic_kl: bool = True,
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """The ELBO, log p(x) >= E_q[log p(x|z)] - KL(q(z|x) || p(z)), and a loss built on it.
 
@@ -81,6 +82,7 @@ def elbo(
             the loss as max(lambda, KL_d) nats, so dimensions below lambda get no KL gradient.
         analytic_kl: closed-form KL (default) or the single-sample estimate log q(z|x) - log p(z).
         generator: for reproducible noise.
+        eps: explicit standard-normal noise (L, B, Z) instead of drawing it.
 
     Returns:
         :class:`ObjectiveOutput`; ``elbo`` is the true beta = 1 bound whatever the variant.
@@ -88,7 +90,7 @@ def elbo(
     if n_samples < 1:
         raise ValueError(f"n_samples must be >= 1, got {n_samples}")
     q_z = model.encode(x)
-    z = q_z.rsample(n_samples, generator=generator)  # (L, B, Z)
+    z = q_z.rsample(n_samples, generator=generator, eps=eps)  # (L, B, Z)
     p_x = model.decode(z)
     log_px_z = p_x.log_prob(_repeat(x, n_samples)).view(n_samples, x.shape[0]).mean(0)
     kl_per_dim = q_z.kl_per_dim()
@@ -108,7 +110,12 @@ def elbo(
 
 
 def log_importance_weights(
-    model, x: torch.Tensor, k: int, generator: torch.Generator | None = None, q_z=None
+    model,
+    x: torch.Tensor,
+    k: int,
+    generator: torch.Generator | None = None,
+    q_z=None,
+    eps: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, object]:
     """log w = log p(x|z) + log p(z) - log q(z|x) for k draws z ~ q(z|x).
 
@@ -116,7 +123,7 @@ def log_importance_weights(
     """
     if q_z is None:
         q_z = model.encode(x)
-    z = q_z.rsample(k, generator=generator)  # (k, B, Z)
+    z = q_z.rsample(k, generator=generator, eps=eps)  # (k, B, Z)
     log_px_z = model.decode(z).log_prob(_repeat(x, k)).view(k, x.shape[0])
     log_w = log_px_z + model.prior.log_prob(z) - q_z.log_prob(z)
     return log_w, log_px_z, q_z
@@ -124,7 +131,12 @@ def log_importance_weights(
 
 @OBJECTIVES.register("iwae")
 def iwae(
-    model, x: torch.Tensor, *, k: int = 5, generator: torch.Generator | None = None
+    model,
+    x: torch.Tensor,
+    *,
+    k: int = 5,
+    generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
     """The importance-weighted bound L_k = E[log (1/k) sum_i w_i] (Burda et al. 2015, eq. 8).
 
@@ -138,7 +150,7 @@ def iwae(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    log_w, log_px_z, q_z = log_importance_weights(model, x, k, generator)
+    log_w, log_px_z, q_z = log_importance_weights(model, x, k, generator, eps=eps)
     bound = torch.logsumexp(log_w, dim=0) - math.log(k)
     kl_per_dim = q_z.kl_per_dim()
     kl = kl_per_dim.sum(-1)
@@ -196,10 +208,13 @@ def compute_objective(
     step: int = 0,
     total_steps: int = 0,
     generator: torch.Generator | None = None,
+    eps: torch.Tensor | None = None,
 ) -> ObjectiveOutput:
-    """Evaluate the objective ``cfg`` describes at training step ``step``."""
+    """Evaluate the objective ``cfg`` describes at training step ``step``.
+
+    ``eps`` optionally gives the noise, (k or n_samples, B, Z)."""
     if cfg.name == "iwae":
-        return iwae(model, x, k=cfg.k, generator=generator)
+        return iwae(model, x, k=cfg.k, generator=generator, eps=eps)
     if cfg.name == "elbo":
         return elbo(
             model,
