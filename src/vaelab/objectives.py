@@ -225,6 +225,7 @@ def compute_objective(
             gamma=cfg.capacity_gamma,
             free_bits=cfg.free_bits,
             generator=generator,
+            eps=eps,
         )
     OBJECTIVES.get(cfg.name)  # raises with the list of choices
     raise ValueError(f"objective {cfg.name!r} has no training rule")
