@@ -450,7 +450,28 @@ def _download_group(files: DatasetFiles) -> tuple[FileSpec, ...] | None:
     return None
 
 
+def _folder_row(name: str) -> list[dict]:
+    path = Path(name.split(":", 1)[1]).expanduser() if ":" in name else None
+    if path is None:
+        raise ValueError("name the folder: 'folder:PATH'")
+    n = sum(1 for p in path.rglob("*") if p.is_file()) if path.is_dir() else 0
+    return [
+        {
+            "dataset": name,
+            "file": str(path),
+            "path": str(path),
+            "size": None,
+            "present": path.is_dir(),
+            "verified": None,
+            "expected": "",
+            "detail": f"folder with {n} files" if path.is_dir() else "missing",
+        }
+    ]
+
+
 def _rows(name: str, data_dir: Path, check: bool) -> list[dict]:
+    if name.split(":", 1)[0] == "folder":
+        return _folder_row(name)
     files = _files_for(name)
     if not files.groups:
         return [
