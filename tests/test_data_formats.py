@@ -29,7 +29,8 @@ from vaelab.data import cifar as cifar_mod
 from vaelab.data import dsprites as dsprites_mod
 from vaelab.data import frey as frey_mod
 from vaelab.data import mnist as mnist_mod
-from vaelab.data.download import file_digests, locate
+from vaelab.data.download import file_digests
+from vaelab.data.files import locate
 from vaelab.data.mnist import read_amat, read_idx
 
 RNG = np.random.default_rng(0)

@@ -26,16 +26,18 @@ from vaelab.data.base import (
 )
 from vaelab.data.batches import BatchIterator, derive_seed
 from vaelab.data.download import (
-    FILES,
     ChecksumError,
-    DatasetFiles,
     DownloadError,
-    FileSpec,
-    dataset_status,
     download_file,
-    fetch_dataset,
     resolve_data_dir,
     user_cache_dir,
+)
+from vaelab.data.files import (
+    FILES,
+    DatasetFiles,
+    FileSpec,
+    dataset_status,
+    fetch_dataset,
     verify_dataset,
 )
 from vaelab.data.folder import StreamingImageSet, load_folder

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from vaelab.data.base import DATASETS, DataInfo, DataSplits, ImageSet, LoadRequest, resplit_defined
-from vaelab.data.download import DatasetFiles, FileSpec, register_files, require_files
+from vaelab.data.files import DatasetFiles, FileSpec, register_files, require_files
 from vaelab.data.images import decode
 
 IMG_DIR = "img_align_celeba"

@@ -14,7 +14,7 @@ import torch
 
 from vaelab.data.base import DATASETS, DataInfo, DataSplits, ImageSet, LoadRequest
 from vaelab.data.base import split_with_default as _split
-from vaelab.data.download import DatasetFiles, register_files
+from vaelab.data.files import DatasetFiles, register_files
 
 DIGITS_VALID = 200
 DIGITS_TEST = 200

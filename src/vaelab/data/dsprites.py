@@ -21,7 +21,7 @@ import torch
 
 from vaelab.data.base import DATASETS, DataInfo, DataSplits, ImageSet, LoadRequest
 from vaelab.data.base import split_with_default as _split
-from vaelab.data.download import DatasetFiles, FileSpec, register_files, require_files
+from vaelab.data.files import DatasetFiles, FileSpec, register_files, require_files
 
 DSPRITES_FILE = "dsprites_ndarray_co1sh3sc6or40x32y32_64x64.npz"
 DSPRITES_VALID = 10_000

@@ -14,7 +14,7 @@ import torch
 
 from vaelab.data.base import DATASETS, DataInfo, DataSplits, ImageSet, LoadRequest
 from vaelab.data.base import split_with_default as _split
-from vaelab.data.download import DatasetFiles, FileSpec, register_files, require_files
+from vaelab.data.files import DatasetFiles, FileSpec, register_files, require_files
 
 FREY_VALID = 100
 FREY_TEST = 100

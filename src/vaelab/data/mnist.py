@@ -30,7 +30,7 @@ from vaelab.data.base import (
     resplit_defined,
     split_with_default,
 )
-from vaelab.data.download import DatasetFiles, FileSpec, register_files, require_files
+from vaelab.data.files import DatasetFiles, FileSpec, register_files, require_files
 
 MNIST_VALID = 10_000
 
