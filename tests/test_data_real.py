@@ -18,7 +18,13 @@ import pytest
 import torch
 from PIL import Image
 
-from vaelab.data import binarized_info, dataset_status, load_dataset, verify_dataset
+from vaelab.data import (
+    binarized_info,
+    dataset_status,
+    list_datasets,
+    load_dataset,
+    verify_dataset,
+)
 from vaelab.data.cifar import CIFAR_FILES
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -217,3 +223,12 @@ def test_status_and_verify_real_files(real_data_dir):
         "list_attr_celeba.txt": False,
         "list_eval_partition.txt": False,
     }
+
+
+def test_list_datasets_table(real_data_dir):
+    rows = {r["dataset"]: r for r in list_datasets(real_data_dir)}
+    assert rows["mnist"]["names"] == ["mnist", "mnist-dynamic", "mnist-threshold"]
+    assert rows["mnist"]["present"] and rows["mnist"]["size"] == 9912422 + 28881 + 1648877 + 4542
+    assert rows["digits"]["present"] and not rows["dsprites"]["present"]
+    checked = {r["dataset"]: r["verified"] for r in list_datasets(real_data_dir, verify=True)}
+    assert checked["frey-face"] is True and checked["celeba"] is False

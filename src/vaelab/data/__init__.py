@@ -38,6 +38,7 @@ from vaelab.data.files import (
     FileSpec,
     dataset_status,
     fetch_dataset,
+    list_datasets,
     verify_dataset,
 )
 from vaelab.data.folder import StreamingImageSet, load_folder
@@ -67,6 +68,7 @@ __all__ = [
     "derive_seed",
     "download_file",
     "fetch_dataset",
+    "list_datasets",
     "load_dataset",
     "load_folder",
     "resolve_data_dir",

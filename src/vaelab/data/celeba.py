@@ -54,6 +54,13 @@ CELEBA_FILES = register_files(
 )
 
 
+def _text_lines(path: Path) -> list[str]:
+    try:
+        return path.read_text(encoding="ascii").splitlines()
+    except UnicodeDecodeError as err:
+        raise ValueError(f"{path} is not a CelebA text file (not ASCII: {err})") from err
+
+
 def read_attributes(path: str | Path) -> tuple[tuple[str, ...], list[str], np.ndarray]:
     """Parse ``list_attr_celeba.txt``: (40 names, image names, int64 0/1 array (N, 40)).
 
@@ -61,7 +68,7 @@ def read_attributes(path: str | Path) -> tuple[tuple[str, ...], list[str], np.nd
     -1/1 per line (any whitespace, CRLF or LF).
     """
     path = Path(path)
-    lines = path.read_text(encoding="ascii").splitlines()
+    lines = _text_lines(path)
     if len(lines) < 2 or not lines[0].strip().isdigit():
         raise ValueError(f"{path}: expected a count line and an attribute-name line")
     names = tuple(lines[1].split())
@@ -81,7 +88,7 @@ def read_partition(path: str | Path) -> list[tuple[str, int]]:
     """Parse ``list_eval_partition.txt``: [(image name, 0 train | 1 valid | 2 test), ...]."""
     path = Path(path)
     out = []
-    for line in path.read_text(encoding="ascii").splitlines():
+    for line in _text_lines(path):
         fields = line.split()
         if not fields:
             continue

@@ -353,3 +353,30 @@ def fetch_dataset(
         return []
     found = require_files(files, resolve_data_dir(data_dir), download=True, progress=progress)
     return list(found.values())
+
+
+def list_datasets(data_dir: str | os.PathLike | None = None, *, verify: bool = False) -> list[dict]:
+    """One row per dataset with files (aliases folded), for ``vaelab data list``.
+
+    Row keys: dataset, names (registered names sharing these files), files, size (bytes on
+    disk of the files present), present (all files there), verified (True when all verify,
+    False when one fails, None when not checked or nothing to check).
+    """
+    rows, seen = [], set()
+    for _, files in sorted(FILES.items()):
+        if files.dataset in seen:
+            continue
+        seen.add(files.dataset)
+        per_file = (verify_dataset if verify else dataset_status)(files.dataset, data_dir)
+        oks = [r["verified"] for r in per_file]
+        rows.append(
+            {
+                "dataset": files.dataset,
+                "names": sorted(k for k, v in FILES.items() if v is files),
+                "files": len(per_file),
+                "size": sum(r["size"] or 0 for r in per_file if r["present"]),
+                "present": all(r["present"] for r in per_file),
+                "verified": False if False in oks else (True if oks and all(oks) else None),
+            }
+        )
+    return rows
