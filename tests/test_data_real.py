@@ -2,7 +2,8 @@
 
 Expected numbers are those of shared/data/MANIFEST.md. The data dir is ``$VAELAB_DATA_DIR`` when
 set (``.ci/run`` prepares one); otherwise a folder of links to ``<repo>/../shared/data`` with
-the CIFAR-10 ``.xz`` batches decompressed once (kept in pytest's cache between runs).
+the CIFAR-10 ``.xz`` batches decompressed once (kept in pytest's cache between runs); the
+latter also when ``$VAELAB_DATA_DIR`` lacks some of the files.
 """
 
 from __future__ import annotations
@@ -63,7 +64,11 @@ def _build_from_shared(root: Path) -> Path:
 @pytest.fixture(scope="session")
 def real_data_dir(request: pytest.FixtureRequest, tmp_path_factory) -> Path:
     env = os.environ.get("VAELAB_DATA_DIR")
-    if env and Path(env).is_dir():
+    if env and all(
+        r["present"]
+        for name in ("mnist", "fashion-mnist", "binarized-mnist", "frey-face", "cifar10", "celeba")
+        for r in dataset_status(name, env)
+    ):
         return Path(env)
     if not all((SHARED / sub).is_dir() for sub in NEEDED):
         pytest.skip(f"no real data: $VAELAB_DATA_DIR is unset and {SHARED} is incomplete")
