@@ -53,6 +53,12 @@ nav a { margin-right: 1em; }
 
 
 def _esc(value: Any) -> str:
+    """Escape text content (quotes stay readable, e.g. in the TOML config)."""
+    return html.escape(str(value), quote=False)
+
+
+def _attr(value: Any) -> str:
+    """Escape an attribute value."""
     return html.escape(str(value), quote=True)
 
 
@@ -251,12 +257,12 @@ def build_report(
         caption = f"<b>{_esc(kind)}</b>: {_esc(FIGURES.describe(kind))}"
         if error is not None:
             figures.append(
-                f'<figure id="fig-{_esc(kind)}"><p class="error">{_esc(kind)} '
+                f'<figure id="fig-{_attr(kind)}"><p class="error">{_esc(kind)} '
                 f"failed: {_esc(error)}</p></figure>"
             )
         else:
             figures.append(
-                f'<figure id="fig-{_esc(kind)}"><img src="{data_uri(path)}" alt="{_esc(kind)}">'
+                f'<figure id="fig-{_attr(kind)}"><img src="{data_uri(path)}" alt="{_attr(kind)}">'
                 f"<figcaption>{caption}</figcaption></figure>"
             )
     sections.append(("figures", "Figures", "\n".join(figures)))

@@ -14,7 +14,7 @@ from vaelab.viz import (  # noqa: F401
     attributes,
     compare,
     curves,
-    interpolation,
+    interpolations,
     latent,
     manifolds,
     prior,
@@ -47,7 +47,7 @@ from vaelab.viz.base import (
 )
 from vaelab.viz.compare import latent_comparison
 from vaelab.viz.curves import training_curves
-from vaelab.viz.interpolation import lerp, slerp
+from vaelab.viz.interpolations import interpolation, lerp, slerp
 from vaelab.viz.latent import kl_per_dimension, latent_scatter, project
 from vaelab.viz.manifolds import inverse_cdf_grid, manifold, manifold_latents
 from vaelab.viz.prior import samples
@@ -65,6 +65,7 @@ __all__ = [
     "figure_options",
     "find_direction",
     "fit_directions",
+    "interpolation",
     "inverse_cdf_grid",
     "kl_per_dimension",
     "latent_comparison",

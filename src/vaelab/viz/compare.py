@@ -41,9 +41,11 @@ def latent_comparison(
     split: str = "test",
     seed: int = 0,
 ) -> Figure:
-    """Panels of ``n`` prior samples (``mode="samples"``) or reconstructions of the same ``n``
-    test images (``mode="reconstructions"``, with the originals first), one per model in
-    ``runs`` (models or runs), ordered by latent size."""
+    """Latent-size comparison: one panel per model, ordered by latent size (Astorga Figs. 1, 4).
+
+    Each panel holds ``n`` prior samples (``mode="samples"``) or reconstructions of the same
+    ``n`` test images (``mode="reconstructions"``, the originals first); ``runs`` are models or
+    runs."""
     if mode not in ("samples", "reconstructions"):
         raise ValueError(f"mode must be 'samples' or 'reconstructions', got {mode!r}")
     items = sorted(runs, key=lambda r: _model_of(r).latent_dim)

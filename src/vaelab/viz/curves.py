@@ -54,8 +54,9 @@ def smooth(y: np.ndarray, window: int) -> np.ndarray:
 
 @FIGURES.register("training-curves")
 def training_curves(metrics: list[dict], *, smoothing: int | None = None) -> Figure:
-    """Loss, true ELBO, reconstruction and KL against steps (train steps, raw and smoothed;
-    train and validation epoch means), plus SSIM per epoch when the log has it."""
+    """Loss, true ELBO, reconstruction and KL against steps, and SSIM per epoch if logged.
+
+    Train steps are drawn raw and smoothed, train and validation epoch means with markers."""
     if not metrics:
         raise ValueError("no training records: metrics.jsonl is empty or missing")
     has_ssim = any(isinstance(r.get("ssim"), (int, float)) for r in metrics)

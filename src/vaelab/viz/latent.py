@@ -74,7 +74,7 @@ def latent_scatter(
     split: str = "test",
     seed: int = 0,
 ) -> Figure:
-    """Posterior means of test images coloured by label.
+    """Posterior means of test images coloured by label (direct for z <= 2, else projected).
 
     z = 2 (or ``dims``) is plotted directly, with the prior's 1 and 2 sigma circles; larger
     latents are projected by ``method`` (``pca``, ``tsne``, ``umap``). For attribute labels

@@ -72,7 +72,7 @@ def manifold(
     lo: float = 0.05,
     hi: float = 0.95,
 ) -> Figure:
-    """Decoder means over a grid of latents spaced by the inverse Gaussian CDF.
+    """The 2-D manifold: decoder means over a latent grid spaced by the inverse Gaussian CDF.
 
     z = 2: the whole latent plane. z > 2: the two dimensions with most KL on the test split
     (or ``dims``), all other dimensions at 0. z = 1: one row.

@@ -14,7 +14,7 @@ from vaelab.viz.base import FIGURES, as_numpy, evaluating, new_figure, show_grid
 def samples(
     model, *, n: int = 64, temperature: float | tuple[float, ...] = 1.0, seed: int = 0
 ) -> Figure:
-    """Means of p(x|z) for z ~ N(0, T^2 I); one panel per temperature T.
+    """Prior samples: means of p(x|z) for z ~ N(0, T^2 I), one panel per temperature T.
 
     A temperature below 1 draws from the prior's core (cleaner, less varied images).
     """

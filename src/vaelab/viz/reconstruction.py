@@ -15,9 +15,9 @@ from vaelab.viz.base import FIGURES, decode_mean, evaluating, grid_figure, pick
 def reconstructions(
     model, data, *, n: int = 32, layout: str = "columns", split: str = "test", seed: int = 0
 ) -> Figure:
-    """Originals beside their reconstructions (mean of p(x | z = E[q(z|x)])).
+    """Originals beside their reconstructions (alternating columns, or paired rows).
 
-    ``layout="columns"``: odd columns originals, even columns reconstructions (Zhao et al.
+    The reconstruction is the mean of p(x | z = E[q(z|x)]). ``layout="columns"``: odd columns originals, even columns reconstructions (Zhao et al.
     Figures 6-7); ``"rows"``: a row of originals over a row of reconstructions.
     """
     if layout not in ("columns", "rows"):
@@ -56,7 +56,7 @@ def neighbourhood(
     split: str = "test",
     seed: int = 0,
 ) -> Figure:
-    """Decodes of z = mu(x) + sigma * eps around real encodings (Chakravarthy Fig. 20).
+    """Decodes of mu(x) + sigma * eps around real encodings (Chakravarthy Fig. 20).
 
     Each row: the original, its reconstruction, then ``samples`` decodes per noise level
     ``sigma`` (in latent units; the prior has unit scale).

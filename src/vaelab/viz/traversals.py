@@ -77,8 +77,10 @@ def traversal(
     split: str = "test",
     seed: int = 0,
 ) -> Figure:
-    """One row per latent dimension (most KL first; ``n`` rows, default up to 10, or ``dims``):
-    the base latent with that dimension set to each of ``steps`` values in [-limit, limit]."""
+    """Traversals: one row per latent dimension (most KL first), the others held at a base.
+
+    ``n`` rows (default: up to 10) or the dimensions ``dims``; each row sets that dimension of
+    the base latent to ``steps`` values in [-limit, limit]."""
     chosen, kls = _chosen_dims(model, data, n, dims)
     values = np.linspace(-limit, limit, steps)
     z = traversal_latents(base_latent(model, data, base, split, seed), chosen, values)
@@ -102,8 +104,9 @@ def traversal_animation(
     split: str = "test",
     seed: int = 0,
 ) -> Frames:
-    """The traversals as an animation (saved as GIF): one panel per dimension, all swept
-    together from -limit to +limit and back."""
+    """Traversals as an animated GIF: one panel per dimension, all swept together.
+
+    The value runs from -limit to +limit and back."""
     chosen, kls = _chosen_dims(model, data, n, dims)
     values = np.linspace(-limit, limit, steps)
     z = traversal_latents(base_latent(model, data, base, split, seed), chosen, values)

@@ -48,7 +48,7 @@ def interpolation(
     split: str = "test",
     seed: int = 0,
 ) -> Figure:
-    """Decodes along the path between the latent means of ``n`` pairs of test images.
+    """Interpolation between the latent means of pairs of test images, linear and slerp.
 
     Each row: image A, decodes at t = 0 ... 1, image B. ``method`` is ``linear``, ``slerp`` or
     ``both`` (a linear row above a slerp row for each pair).
