@@ -1,0 +1,325 @@
+"""evaluate(): every registered metric of a model on one split, each number labelled.
+
+    report = evaluate(model, load_dataset("mnist", binarize="dynamic"), k=1000)
+    print(format_table(report))
+    report.value("log_px")                      # nats per image
+    evaluate_run("runs/quickstart", k=5000)     # also writes runs/quickstart/eval.json
+
+Every :class:`~vaelab.metrics.Entry` carries its unit, estimator, k, split, binarization and
+image count; a Bernoulli likelihood on grey-level data is flagged "not a proper likelihood".
+Evaluation never looks at the training objective, so a beta = 4 run compares with a beta = 1 run.
+
+Dynamically binarized data are binarized once per evaluation: the 0/1 draw of each image is
+seeded by ``seed`` (and its read batch), so every metric sees the same binary images and a
+rerun with the same seed reproduces them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from vaelab.metrics import DEFAULT_METRICS, METRICS, Entry, EvalContext
+from vaelab.metrics.base import MetricUnavailable
+
+EVAL_FILE = "eval.json"
+EVAL_FORMAT = "vaelab-eval-1"
+
+
+@dataclass
+class EvalReport:
+    """The entries of one evaluation, and what they were computed on.
+
+    Attributes:
+        entries: the labelled numbers, in metric order.
+        dataset: the data's name (``DataInfo.name``), e.g. ``"mnist-dynamic"``.
+        split, n_images, k, seed: as evaluated.
+        binarization: how the evaluated images were binarized, in words.
+        likelihood: the decoder likelihood's registered class name; ``likelihood_proper``
+            whether it is a proper density or mass on this data.
+        seconds: wall time per metric.
+        device, created, versions: where, when and with what.
+        run: the run folder, when evaluated through :func:`evaluate_run`.
+    """
+
+    entries: list[Entry]
+    dataset: str
+    split: str
+    n_images: int
+    k: int
+    seed: int
+    binarization: str
+    likelihood: str
+    likelihood_proper: bool
+    seconds: dict[str, float] = field(default_factory=dict)
+    device: str = "cpu"
+    created: str = ""
+    versions: dict[str, str] = field(default_factory=dict)
+    run: str | None = None
+
+    def get(self, name: str) -> Entry:
+        """The entry called ``name``; a ValueError lists the names there are."""
+        for e in self.entries:
+            if e.name == name:
+                return e
+        raise ValueError(f"no entry {name!r} in this report; entries: {', '.join(self.names())}")
+
+    def value(self, name: str) -> float | None:
+        return self.get(name).value
+
+    def names(self) -> list[str]:
+        return [e.name for e in self.entries]
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "entries"}
+        d["entries"] = [e.to_dict() for e in self.entries]
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> EvalReport:
+        d = dict(d)
+        d["entries"] = [Entry.from_dict(e) for e in d.get("entries", [])]
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, allow_nan=True)
+
+
+def _versions() -> dict[str, str]:
+    import platform
+
+    import vaelab
+
+    return {
+        "vaelab": vaelab.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def _metric_names(metrics) -> tuple[list[str], bool]:
+    """(names, explicit): ``None`` means the defaults, where a metric the data cannot support
+    (e.g. a probe without labels) is reported as skipped instead of raising."""
+    if metrics is None:
+        return [m for m in DEFAULT_METRICS if m in METRICS], False
+    if isinstance(metrics, str):
+        metrics = [metrics]
+    names = [n.strip() for m in metrics for n in m.split(",") if n.strip()]
+    for n in names:
+        METRICS.get(n)  # raises with the list of choices
+    return list(dict.fromkeys(names)), True
+
+
+def evaluate(
+    model,
+    data,
+    *,
+    split: str = "test",
+    k: int = 1000,
+    metrics: str | list[str] | tuple[str, ...] | None = None,
+    batch_size: int = 1000,
+    device: torch.device | str | None = None,
+    seed: int = 0,
+    data_dir: str | os.PathLike | None = None,
+    feature_net: Any = "lenet",
+    max_images: int | None = None,
+    probe_train_images: int | None = None,
+    progress: bool = True,
+) -> EvalReport:
+    """Evaluate ``model`` on ``data`` (a :class:`vaelab.data.DataSplits`).
+
+    Args:
+        split: ``"test"`` (default), ``"valid"`` or ``"train"``.
+        k: importance samples per image for ``loglik`` (1000; 5000 for paper tables).
+        metrics: registered metric names (``METRICS.names()``), as a list or a comma-separated
+            string; ``None`` runs :data:`~vaelab.metrics.DEFAULT_METRICS`, skipping (with a
+            note) any the data cannot support, such as a probe on unlabeled data.
+        batch_size: images per forward pass.
+        device: where to compute; ``None`` keeps the model's device (the model is moved).
+        seed: seeds every Monte Carlo draw and the binarization of dynamic data.
+        data_dir: where the FD-LeNet feature network is cached (default: the data dir).
+        feature_net: ``"lenet"``, ``"lenet:DATASET"``, ``"inception"``, ``"inception:PATH"`` or a
+            :class:`~vaelab.metrics.features.FeatureNet`.
+        max_images: evaluate only the first N images of the split.
+        probe_train_images: fit the linear probe on the first N train images (default all).
+        progress: progress bars for the slow metrics.
+
+    Returns:
+        :class:`EvalReport`.
+    """
+    if k < 1:
+        raise ValueError(f"k must be >= 1, got {k}")
+    if max_images is not None and max_images < 2:
+        raise ValueError(f"max_images must be >= 2, got {max_images}")
+    names, explicit = _metric_names(metrics)
+    device = model.device if device is None else torch.device(device)
+    ctx = EvalContext(
+        model=model.to(device),
+        data=data,
+        split=split,
+        k=k,
+        seed=seed,
+        batch_size=batch_size,
+        device=device,
+        data_dir=None if data_dir is None else Path(data_dir),
+        feature_net=feature_net,
+        max_images=max_images,
+        progress=progress,
+        probe_train_images=probe_train_images,
+        requested=explicit,
+    )
+    if ctx.n_images < 2:
+        raise ValueError(
+            f"the {split} split of {data.info.name} has {ctx.n_images} images; need >= 2"
+        )
+    was_training = model.training
+    model.eval()
+    entries, seconds = [], {}
+    try:
+        for name in names:
+            start = time.perf_counter()
+            try:
+                entries += METRICS.get(name)(ctx)
+            except MetricUnavailable as exc:
+                if explicit:
+                    raise
+                entries.append(ctx.label(name, None, "", "skipped", notes=(f"skipped: {exc}",)))
+            seconds[name] = round(time.perf_counter() - start, 3)
+    finally:
+        model.train(was_training)
+    return EvalReport(
+        entries=entries,
+        dataset=data.info.name,
+        split=split,
+        n_images=ctx.n_images,
+        k=k,
+        seed=seed,
+        binarization=ctx.binarization,
+        likelihood=type(model.likelihood).__name__,
+        likelihood_proper=model.likelihood.is_proper(data.info.value_kind),
+        seconds=seconds,
+        device=str(device),
+        created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        versions=_versions(),
+    )
+
+
+# ------------------------------------------------------------------------------ run folders
+
+
+def read_eval(run_dir: str | os.PathLike) -> dict[str, EvalReport]:
+    """The reports in a run's ``eval.json``, by split (``{}`` when there is none)."""
+    path = Path(run_dir) / EVAL_FILE
+    if not path.is_file():
+        return {}
+    payload = json.loads(path.read_text())
+    if payload.get("format") != EVAL_FORMAT:
+        raise ValueError(f"{path} is not a vaelab eval file (format {EVAL_FORMAT})")
+    return {s: EvalReport.from_dict(r) for s, r in payload["splits"].items()}
+
+
+def write_eval(run_dir: str | os.PathLike, report: EvalReport) -> Path:
+    """Merge ``report`` into ``eval.json`` atomically: its entries replace those of the same name
+    for the same split, and other entries (from earlier ``--metrics`` runs) are kept."""
+    from vaelab.io import atomic_write_text
+
+    run_dir = Path(run_dir)
+    reports = read_eval(run_dir)
+    old = reports.get(report.split)
+    if old is not None and old.dataset == report.dataset:
+        fresh = set(report.names())
+        merged = [e for e in old.entries if e.name not in fresh] + report.entries
+        seconds = {**old.seconds, **report.seconds}
+        report = EvalReport(**{**report.__dict__, "entries": merged, "seconds": seconds})
+    reports[report.split] = report
+    payload = {"format": EVAL_FORMAT, "splits": {s: r.to_dict() for s, r in reports.items()}}
+    return atomic_write_text(run_dir / EVAL_FILE, json.dumps(payload, indent=2) + "\n")
+
+
+def evaluate_run(
+    run_path: str | os.PathLike,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    device: torch.device | str | None = "auto",
+    write: bool = True,
+    **kwargs: Any,
+) -> EvalReport:
+    """Load a run folder (:func:`vaelab.runs.load_run`), evaluate it on its own dataset and
+    merge the report into ``<run>/eval.json`` (atomically). ``kwargs`` go to :func:`evaluate`;
+    ``device="auto"`` picks CUDA, then MPS, then the CPU."""
+    from vaelab.devices import pick_device
+    from vaelab.runs import load_run
+
+    run = load_run(run_path)
+    dev = pick_device(device) if device is not None else torch.device("cpu")
+    model = run.load_model(dev)
+    data = run.data(data_dir)
+    report = evaluate(model, data, device=dev, data_dir=data_dir, **kwargs)
+    report.run = str(run.path)
+    if write:
+        write_eval(run.path, report)
+    return report
+
+
+# ----------------------------------------------------------------------------------- table
+
+
+def _fmt(v: float | None, unit: str) -> str:
+    if v is None:
+        return "-"
+    if unit == "parameters" or unit.startswith("of "):
+        return f"{int(round(v)):,}"
+    return f"{v:.6g}"
+
+
+def _table(rows: list[list[Any]], headers: list[str]) -> str:
+    cells = [headers] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    right = {1, 2, 4}  # numbers align right
+    fmt = [lambda c, w, i=i: c.rjust(w) if i in right else c.ljust(w) for i in range(len(headers))]
+    lines = ["  ".join(fmt[i](c, widths[i]) for i, c in enumerate(r)).rstrip() for r in cells]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_table(report: EvalReport, estimators: bool = True) -> str:
+    """A readable table of the report: a header with dataset, split and binarization, one row
+    per entry (value, standard error, unit, k), then each entry's estimator and any notes."""
+    head = [
+        f"dataset {report.dataset}, {report.split} split ({report.n_images:,} images), seed {report.seed}"
+        + (f", run {report.run}" if report.run else ""),
+        f"binarization: {report.binarization}",
+        f"likelihood: {report.likelihood}"
+        + ("" if report.likelihood_proper else " -- NOT a proper likelihood for this data"),
+        "",
+    ]
+    rows = [
+        [
+            e.name,
+            _fmt(e.value, e.unit),
+            "" if e.stderr is None else f"{e.stderr:.2g}",
+            e.unit,
+            "" if e.k is None else e.k,
+            "*" * bool(e.notes),
+        ]
+        for e in report.entries
+    ]
+    lines = head + [_table(rows, ["metric", "value", "+- stderr", "unit", "k", "note"])]
+    if estimators:
+        lines += ["", "estimators:"] + [f"  {e.name}: {e.estimator}" for e in report.entries]
+    notes = sorted({n for e in report.entries for n in e.notes})
+    if notes:
+        lines += ["", "notes (*):"] + [f"  {n}" for n in notes]
+    total = sum(report.seconds.values())
+    lines += [
+        "",
+        f"{total:.1f} s on {report.device}: "
+        + ", ".join(f"{m} {s:.1f} s" for m, s in report.seconds.items()),
+    ]
+    return "\n".join(lines)

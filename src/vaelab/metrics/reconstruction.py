@@ -1,0 +1,160 @@
+"""Reconstruction quality: MSE, PSNR and SSIM of x against the decoder mean at z = E_q[z|x].
+
+All three compare images in [0, 1] (data range 1). MSE is the mean over pixels of one image,
+then over images; PSNR is 10 log10(1 / MSE) per image, then averaged over images; SSIM (Wang et
+al. 2004) is computed per image by scikit-image's ``structural_similarity`` with Wang et al.'s
+settings (11-tap Gaussian window, sigma 1.5, K1 = 0.01, K2 = 0.03, population covariances),
+averaged over channels, then over images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from vaelab.metrics.base import METRICS, EvalContext, mean_and_stderr
+
+# PSNR of a perfect reconstruction is infinite; per-image MSE is floored here (100 dB).
+MSE_FLOOR = 1e-10
+SSIM_SIGMA = 1.5
+_SSIM_WINDOW = 11  # 2 * int(3.5 * 1.5 + 0.5) + 1: the Gaussian window skimage uses for sigma 1.5
+
+
+def _require_skimage():
+    try:
+        from skimage.metrics import structural_similarity
+    except ImportError as exc:
+        raise ImportError(
+            "SSIM needs scikit-image: pip install scikit-image (or leave 'reconstruction' out of "
+            "the metrics)"
+        ) from exc
+    return structural_similarity
+
+
+def ssim_settings(height: int, width: int) -> tuple[dict, str]:
+    """skimage keyword arguments for images of this size, and a description of them.
+
+    Images of at least 11x11 use Wang et al.'s Gaussian window; smaller ones (the 8x8 digits)
+    cannot, and use the largest odd uniform window that fits, which the description says.
+    """
+    if min(height, width) >= _SSIM_WINDOW:
+        kw = {"gaussian_weights": True, "sigma": SSIM_SIGMA, "use_sample_covariance": False}
+        return kw, "Gaussian window sigma 1.5 (11 taps), K1 0.01, K2 0.03"
+    win = min(height, width)
+    win = win if win % 2 == 1 else win - 1
+    if win < 3:
+        raise ValueError(f"SSIM needs images of at least 3x3, got {height}x{width}")
+    kw = {"gaussian_weights": False, "win_size": win, "use_sample_covariance": False}
+    return kw, f"uniform {win}x{win} window (images smaller than 11x11), K1 0.01, K2 0.03"
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Per-image SSIM of (B, C, H, W) images in [0, 1], channels averaged: (B,) float64.
+
+    Computed by :func:`skimage.metrics.structural_similarity` (data range 1, settings from
+    :func:`ssim_settings`).
+    """
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(
+            f"expected two (B, C, H, W) tensors, got {tuple(x.shape)}, {tuple(y.shape)}"
+        )
+    structural_similarity = _require_skimage()
+    kw, _ = ssim_settings(x.shape[-2], x.shape[-1])
+    a = x.detach().to(torch.float64).cpu().numpy()
+    b = y.detach().to(torch.float64).cpu().numpy()
+    out = np.empty(a.shape[0])
+    for i in range(a.shape[0]):
+        if a.shape[1] == 1:
+            out[i] = structural_similarity(a[i, 0], b[i, 0], data_range=1.0, **kw)
+        else:
+            out[i] = structural_similarity(
+                a[i].transpose(1, 2, 0),
+                b[i].transpose(1, 2, 0),
+                data_range=1.0,
+                channel_axis=-1,
+                **kw,
+            )
+    return torch.from_numpy(out)
+
+
+def mse_per_image(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Mean squared error over the pixels of each image: (B,) float64."""
+    return (x.double() - y.double()).square().flatten(1).mean(1)
+
+
+def psnr_from_mse(mse: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """10 log10(range^2 / MSE) per image, MSE floored at ``MSE_FLOOR``."""
+    return 10.0 * torch.log10(data_range**2 / mse.clamp_min(MSE_FLOOR))
+
+
+@dataclass
+class ReconstructionStats:
+    """Per-image (N,) float64 MSE, PSNR (dB) and SSIM."""
+
+    mse: torch.Tensor
+    psnr: torch.Tensor
+    ssim: torch.Tensor | None
+
+
+@torch.inference_mode()
+def reconstruction_stats(
+    model: nn.Module,
+    batches: Iterable[torch.Tensor],
+    *,
+    with_ssim: bool = True,
+    batch_size: int = 1000,
+) -> ReconstructionStats:
+    """MSE, PSNR and SSIM of each image against ``model.reconstruct(x)`` (the decoder mean at
+    z = E_q[z|x])."""
+    mse, ssims = [], []
+    for batch in batches:
+        for x in batch.split(batch_size):
+            r = model.reconstruct(x)
+            mse.append(mse_per_image(x, r).cpu())
+            if with_ssim:
+                ssims.append(ssim(x, r.clamp(0.0, 1.0)))
+    if not mse:
+        raise ValueError("reconstruction_stats got no images")
+    m = torch.cat(mse)
+    return ReconstructionStats(m, psnr_from_mse(m), torch.cat(ssims) if with_ssim else None)
+
+
+@METRICS.register("reconstruction")
+def reconstruction_metric(ctx: EvalContext) -> list:
+    """Reconstruction MSE (per pixel), PSNR (dB) and SSIM of x vs the decoder mean at E_q[z|x]."""
+    stats = reconstruction_stats(ctx.model, ctx.batches(), batch_size=ctx.batch_size)
+    _, ssim_desc = ssim_settings(*ctx.info.shape[1:])
+    what = "x vs the decoder mean at z = E_q[z|x], data range 1"
+    mse, mse_se = mean_and_stderr(stats.mse)
+    psnr, psnr_se = mean_and_stderr(stats.psnr)
+    s, s_se = mean_and_stderr(stats.ssim)
+    capped = int((stats.mse <= MSE_FLOOR).sum())
+    return [
+        ctx.label(
+            "recon.mse",
+            mse,
+            "per pixel",
+            f"mean squared error per pixel, averaged over images; {what}",
+            stderr=mse_se,
+        ),
+        ctx.label(
+            "recon.psnr",
+            psnr,
+            "dB",
+            f"10 log10(1 / MSE) per image, averaged over images; {what}",
+            stderr=psnr_se,
+            notes=(f"{capped} perfect reconstructions capped at 100 dB",) if capped else (),
+        ),
+        ctx.label(
+            "recon.ssim",
+            s,
+            "",
+            f"SSIM (Wang et al. 2004; scikit-image structural_similarity, {ssim_desc}), "
+            f"channels then images averaged; {what}",
+            stderr=s_se,
+        ),
+    ]
