@@ -78,7 +78,7 @@ def test_report_is_self_contained_with_every_applicable_figure(run_dir):
     page = path.read_text()
     tags = parse(page)
     ids = {a.get("id") for _, a in tags}
-    for section in ("config", "summary", "model", "eval", "attributes", "figures"):
+    for section in ("run", "model", "eval", "attributes", "figures"):
         assert section in ids, section
     run = load_run(run_dir)
     kinds = viz.applicable_figures(run.model, run.data(), run.metrics())

@@ -209,6 +209,12 @@ def test_manifold_grid_and_dims(model, model_z2, digits):
     assert f"z[{order[0]}], z[{order[1]}]" in title and "most KL" in title
     with pytest.raises(ValueError, match="different"):
         viz.manifold(model, digits, dims=(1, 1))
+    plane = np.array([[1.0, 1.0, 0, 0], [0, 0, 1.0, -1.0]]) / np.sqrt(2)
+    fig = viz.manifold(model, n=4, plane=plane)
+    assert image_array(fig).shape == (4 * 8, 4 * 8)
+    assert "chosen plane" in fig.axes[0].get_title()
+    with pytest.raises(ValueError, match="shape"):
+        viz.manifold(model, n=4, plane=plane[:, :3])
     one = build_model(ModelConfig(latent_dim=1, hidden=(16,)), digits.info.shape)
     assert image_array(viz.manifold(one, n=9)).shape == (8, 9 * 8)
 
@@ -406,3 +412,69 @@ def test_import_vaelab_does_not_import_matplotlib():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
+
+
+# ------------------------------------------------------------------------------ other data
+
+
+def _with(data, images=None, labels=None, **info):
+    """``data`` with its images and/or labels replaced (train and test), and info fields set."""
+    from dataclasses import replace
+
+    from vaelab.data import DataSplits, ImageSet
+
+    new_info = replace(data.info, **info)
+
+    def conv(s):
+        return ImageSet(
+            s.images if images is None else images(s.images),
+            s.labels if labels is None else labels(s.labels),
+            new_info,
+        )
+
+    return DataSplits(new_info, conv(data.train), conv(data.valid), conv(data.test))
+
+
+def test_attribute_labels(model, digits):
+    """(N, A) attribute labels, as CelebA's: probes per column, colouring by attribute."""
+
+    def attrs(y):
+        return torch.stack([(y % 2 == 0).long(), y, torch.zeros_like(y)], 1)
+
+    data = _with(
+        digits,
+        labels=attrs,
+        num_classes=None,
+        label_names=None,
+        attribute_names=("Even", "Value", "Constant"),
+    )
+    names = [d.name for d in viz.probe_attributes(model, data)]
+    assert names == ["Even", "Value high"]
+    fig = viz.render("attribute-traversal", model=model, data=data, attribute="even", steps=3)
+    assert image_array(fig).shape == (9 + 1, 3 * 9 + 1)
+    assert fig.axes[0].get_yticklabels()[0].get_text().startswith("Even (")
+    fig = viz.latent_scatter(model, data, n=100, attribute="Even")
+    legend = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert legend == ["Even=0", "Even=1"]
+    with pytest.raises(ValueError, match="unknown attribute"):
+        viz.latent_scatter(model, data, n=100, attribute="Smiling")
+    assert "attribute-add" in viz.applicable_figures(model, data)
+    unlabelled = _with(digits, labels=lambda y: None)
+    assert not [k for k in viz.applicable_figures(model, unlabelled) if "attribute" in k]
+    fig = viz.latent_scatter(model, unlabelled, n=50)
+    assert fig.axes[0].get_legend() is None
+
+
+def test_colour_images(digits, tmp_path):
+    """Three-channel data: RGB grids (no grey colormap) and an RGB GIF."""
+    rgb = _with(digits, images=lambda x: torch.cat([x, 255 - x, x // 2], 1), shape=(3, 8, 8))
+    model = build_model(ModelConfig(latent_dim=3, hidden=(32,)), (3, 8, 8)).eval()
+    fig = viz.reconstructions(model, rgb, n=8)
+    assert image_array(fig).shape == (4 * 9 + 1, 4 * 9 + 1, 3)
+    assert image_array(viz.samples(model, n=4)).shape[-1] == 3
+    anim = viz.traversal_animation(model, rgb, steps=3)
+    path = viz.save_figure(anim, tmp_path / "t.gif")
+    im = Image.open(path)
+    assert im.n_frames == 4
+    colours = np.asarray(im.convert("RGB"), dtype=np.int16)
+    assert np.abs(colours[..., 0] - colours[..., 1]).max() > 30  # not grey

@@ -46,6 +46,10 @@ figcaption { color: #555; font-size: 0.9em; margin-top: 0.3em; }
 .note { color: #8a5a00; background: #fff7e6; padding: 0.5em 0.8em; border-radius: 4px; }
 .error { color: #a40000; background: #fdecec; padding: 0.5em 0.8em; border-radius: 4px; }
 nav a { margin-right: 1em; }
+.cols { display: grid; grid-template-columns: minmax(0, 1fr) minmax(0, 1fr); gap: 2em; }
+.cols pre { margin-top: 0; }
+.glance { margin-top: 1em; }
+@media (max-width: 800px) { .cols { grid-template-columns: minmax(0, 1fr); } }
 """
 
 
@@ -101,6 +105,58 @@ def _table(rows: list[tuple], headers: tuple[str, ...]) -> str:
 def data_uri(path: Path) -> str:
     mime = {".png": "image/png", ".gif": "image/gif", ".jpg": "image/jpeg"}[path.suffix.lower()]
     return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode('ascii')}"
+
+
+# (dotted summary key, label) of the numbers shown at the top of the report.
+GLANCE = (
+    ("parameters", "parameters"),
+    ("epochs", "epochs"),
+    ("steps", "steps"),
+    ("wall_time_s", "wall time (s)"),
+    ("valid.elbo", "final valid ELBO (nats)"),
+    ("valid.bits_per_dim", "final valid bits/dim"),
+    ("best_valid_elbo", "best valid ELBO (nats)"),
+    ("best_epoch", "best epoch"),
+    ("likelihood_note", "note"),
+)
+
+
+def _glance(summary: dict) -> str:
+    """A short table of the headline numbers of ``summary.json`` (those that are there)."""
+    flat = dict(flatten(summary or {}))
+    rows = [(label, flat[key]) for key, label in GLANCE if flat.get(key) is not None]
+    return f'<div class="glance">{_table(rows, ("at a glance", ""))}</div>' if rows else ""
+
+
+def eval_section(payload: Any) -> str:
+    """HTML for ``eval.json``: one table per split for vaelab's own format (each number with its
+    unit, standard error, k, estimator and notes), else a generic labelled table."""
+    if not (isinstance(payload, dict) and isinstance(payload.get("splits"), dict)):
+        return _table(eval_rows(payload), ("metric", "value", "detail"))
+    parts = []
+    for split, rep in payload["splits"].items():
+        proper = rep.get("likelihood_proper", True)
+        head = (
+            f"{rep.get('dataset', '?')}, {split} split ({_fmt(rep.get('n_images'))} images), "
+            f"seed {rep.get('seed')}; binarization: {rep.get('binarization')}; likelihood: "
+            f"{rep.get('likelihood')}" + ("" if proper else " (NOT a proper likelihood here)")
+        )
+        rows = []
+        for e in rep.get("entries", []):
+            notes = "; ".join(e.get("notes") or [])
+            rows.append(
+                (
+                    e.get("name", "?"),
+                    e.get("value") if e.get("value") is not None else "skipped",
+                    "" if e.get("stderr") is None else f"± {e['stderr']:.2g}",
+                    e.get("unit", ""),
+                    "" if e.get("k") is None else e["k"],
+                    e.get("estimator", "") + (f" [{notes}]" if notes else ""),
+                )
+            )
+        headers = ("metric", "value", "stderr", "unit", "k", "estimator / notes")
+        parts.append(f"<h3>{_esc(split)}</h3><p>{_esc(head)}</p>{_table(rows, headers)}")
+    return "".join(parts)
 
 
 def eval_rows(entries: Any) -> list[tuple]:
@@ -210,14 +266,16 @@ def build_report(
             )
     sections: list[tuple[str, str, str]] = []  # (anchor, title, html)
 
-    sections.append(("config", "Config", f"<pre>{_esc(dumps(run.config))}</pre>"))
-
     if run.summary:
         rows = [(k, v if isinstance(v, (int, float)) else _fmt(v)) for k, v in flatten(run.summary)]
-        body = _table(rows, ("key", "value"))
+        summary = _table(rows, ("key", "value"))
     else:
-        body = '<p class="note">No summary.json: the run has not finished.</p>'
-    sections.append(("summary", "Summary", body))
+        summary = '<p class="note">No summary.json: the run has not finished.</p>'
+    body = (
+        f'<div class="cols"><div><h3>Config</h3><pre>{_esc(dumps(run.config))}</pre></div>'
+        f"<div><h3>Summary</h3>{summary}</div></div>"
+    )
+    sections.append(("run", "Config and summary", body))
 
     try:
         body = f"<pre>{_esc(model_summary(run.model))}</pre>"
@@ -228,8 +286,7 @@ def build_report(
     eval_path = run.path / EVAL_FILE
     if eval_path.is_file():
         try:
-            rows = eval_rows(json.loads(eval_path.read_text()))
-            body = _table(rows, ("metric", "value", "detail"))
+            body = eval_section(json.loads(eval_path.read_text()))
         except (ValueError, TypeError) as exc:
             body = f'<p class="error">{_esc(eval_path.name)} cannot be read: {_esc(exc)}</p>'
     else:
@@ -282,6 +339,7 @@ def build_report(
         f'<p class="sub">{described}<br>{_esc(run.path)} &middot; report written {_esc(stamp)}</p>',
         f"<nav>{nav}</nav>",
         note_html,
+        _glance(run.summary),
     ]
     for anchor, name, body in sections:
         parts.append(f'<section id="{anchor}"><h2>{_esc(name)}</h2>{body}</section>')

@@ -28,6 +28,7 @@ from vaelab.viz.base import (
     grid_figure,
     new_figure,
     pick,
+    resolve_split,
     split_of,
 )
 
@@ -45,6 +46,7 @@ class AttributeDirection:
         n_positive: positives among the ``n`` images the probe was fit on.
         n: images the probe was fit on.
         n_test: images it was scored on.
+        scored_on: which images those were ("test", or "held-out" rows of the fitted set).
     """
 
     name: str
@@ -55,6 +57,7 @@ class AttributeDirection:
     n_positive: int
     n: int
     n_test: int
+    scored_on: str = "held-out"
 
 
 def binary_attributes(
@@ -110,6 +113,7 @@ def fit_directions(
     test_fraction: float = 0.25,
     seed: int = 0,
     C: float = 1.0,
+    scored_on: str = "held-out",
 ) -> list[AttributeDirection]:
     """Fit one logistic regression per attribute column of ``targets`` (N, A) on latents (N, Z).
 
@@ -157,6 +161,7 @@ def fit_directions(
                 n_positive=int(y_fit.sum()),
                 n=len(y_fit),
                 n_test=len(y_te),
+                scored_on=scored_on,
             )
         )
     return out
@@ -172,7 +177,7 @@ def _weights_version(model) -> tuple:
 
 
 def probe_attributes(
-    model, data, *, n: int = 10000, split: str = "test", seed: int = 0
+    model, data, *, n: int = 10000, split: str | None = None, seed: int = 0
 ) -> list[AttributeDirection]:
     """Encode labelled images and fit a direction per binary attribute.
 
@@ -193,19 +198,22 @@ def probe_attributes(
     return list(directions)
 
 
-def _probe(model, data, n: int, split: str, seed: int) -> list[AttributeDirection]:
+def _probe(model, data, n: int, split: str | None, seed: int) -> list[AttributeDirection]:
     scored = split_of(data, split)
     if scored.labels is None:
         raise ValueError(f"{scored.info.name} has no labels: attribute directions need labels")
-    if hasattr(data, "images"):  # a single ImageSet
-        mu, _, labels = encode(model, data, n=n, seed=seed)
+    name = resolve_split(data, split)
+    if hasattr(data, "images") or name == "train":  # no held-out split: hold out a quarter
+        mu, _, labels = encode(model, data, split, n=n, seed=seed)
         names, targets = binary_attributes(labels, scored.info)
-        return fit_directions(mu, targets, names, seed=seed)
+        return fit_directions(mu, targets, names, seed=seed, scored_on=f"held-out {name}")
     mu, _, labels = encode(model, data, "train", n=n, seed=seed)
     mu_te, _, labels_te = encode(model, data, split, n=n, seed=seed)
     names, targets = binary_attributes(labels, scored.info)
     _, targets_te = binary_attributes(labels_te, scored.info, reference=labels)
-    return fit_directions(mu, targets, names, z_test=mu_te, targets_test=targets_te, seed=seed)
+    return fit_directions(
+        mu, targets, names, z_test=mu_te, targets_test=targets_te, seed=seed, scored_on=name
+    )
 
 
 def find_direction(directions: list[AttributeDirection], name: str | None) -> AttributeDirection:
@@ -226,7 +234,7 @@ def find_direction(directions: list[AttributeDirection], name: str | None) -> At
 
 @FIGURES.register("attribute-accuracy")
 def attribute_accuracy(
-    model, data, *, n: int = 10000, split: str = "test", seed: int = 0
+    model, data, *, n: int = 10000, split: str | None = None, seed: int = 0
 ) -> Figure:
     """Held-out accuracy of a linear probe per attribute, beside the majority baseline.
 
@@ -251,12 +259,13 @@ def attribute_accuracy(
         label="majority baseline",
     )
     ax.set_yticks(y, [d.name for d in directions], fontsize=7 if a > 20 else 9)
-    ax.set_xlim(min(0.5, min(d.baseline for d in directions)), 1.0)
+    lowest = min(min(d.accuracy, d.baseline) for d in directions)
+    ax.set_xlim(max(0.0, np.floor(min(0.5, lowest - 0.02) * 10) / 10), 1.0)
     ax.set_xlabel("held-out accuracy")
     d0 = directions[0]
     ax.set_title(
         f"Attributes captured by the latent space: logistic probes on latent means\n"
-        f"(fit on {d0.n} images, scored on {d0.n_test} {split} images)",
+        f"(fit on {d0.n} images, scored on {d0.n_test} {d0.scored_on} images)",
         fontsize=10,
     )
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
@@ -273,7 +282,7 @@ def attribute_traversal(
     steps: int = 9,
     limit: float = 3.0,
     base: str = "prior",
-    split: str = "test",
+    split: str | None = None,
     seed: int = 0,
 ) -> Figure:
     """Traversals along attribute directions: decodes of base + alpha * d (Astorga Fig. 5).
@@ -303,7 +312,14 @@ def attribute_traversal(
     rows = [f"{d.name} ({d.accuracy:.2f})" for d in chosen]
     cols = [f"{a:+.1f}" for a in alphas]
     title = f"Traversal along attribute directions from a {base} latent (probe accuracy)"
-    return grid_figure(x, steps, title, row_labels=rows, col_labels=cols)
+    return grid_figure(
+        x,
+        steps,
+        title,
+        row_labels=rows,
+        col_labels=cols,
+        xlabel="α: distance along the unit direction",
+    )
 
 
 @FIGURES.register("attribute-add")
@@ -314,7 +330,7 @@ def attribute_add(
     attribute: str | None = None,
     n: int = 6,
     strengths: tuple[float, ...] = (0.5, 1.0, 1.5, 2.0),
-    split: str = "test",
+    split: str | None = None,
     seed: int = 0,
 ) -> Figure:
     """Add an attribute to images: decodes of mu(x) + s * gap * d for images without it.

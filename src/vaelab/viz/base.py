@@ -183,6 +183,7 @@ def grid_figure(
     row_labels: list[str] | None = None,
     col_labels: list[str] | None = None,
     pad: int = 1,
+    xlabel: str | None = None,
 ) -> Figure:
     """One tiled grid of images as a whole figure, with optional row and column labels.
 
@@ -194,6 +195,7 @@ def grid_figure(
     width = max(3.5, ncols * inch + (1.1 if row_labels else 0.2))
     title = wrap_title(title, width)
     extra_h = 0.3 + 0.2 * (title.count("\n") + 1) + (0.3 if col_labels else 0.0)
+    extra_h += 0.25 if xlabel else 0.0
     fig = new_figure(width, rows * inch + extra_h)
     ax = fig.add_subplot()
     show_grid(ax, tile(x, ncols, pad=pad), title)
@@ -201,6 +203,8 @@ def grid_figure(
         label_rows(ax, row_labels, x.shape[2], pad)
     if col_labels:
         label_cols(ax, col_labels, x.shape[3], pad)
+    if xlabel:
+        ax.set_xlabel(xlabel, fontsize=9)
     return fig
 
 
@@ -219,16 +223,33 @@ def evaluating(model: torch.nn.Module) -> Iterator[None]:
         model.train(was_training)
 
 
-def split_of(data, split: str = "test"):
-    """The :class:`ImageSet` ``split`` of a :class:`DataSplits` (an ImageSet is returned as is)."""
+SPLITS = ("test", "valid", "train")
+
+
+def resolve_split(data, split: str | None = None) -> str:
+    """The split name ``split``, or for None the first non-empty of test, valid and train (the
+    held-out images when there are any). An :class:`ImageSet` given directly is ``"images"``."""
+    if hasattr(data, "images"):
+        return split or "images"
+    if split is None:
+        for name in SPLITS:
+            if len(getattr(data, name)) > 0:
+                return name
+        raise ValueError(f"every split of {data.info.name} is empty")
+    if split not in SPLITS:
+        raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
+    return split
+
+
+def split_of(data, split: str | None = None):
+    """The :class:`ImageSet` ``split`` of a :class:`DataSplits` (see :func:`resolve_split`); an
+    ImageSet is returned as is."""
     if hasattr(data, "images"):
         return data
-    if split not in ("train", "valid", "test"):
-        raise ValueError(f"split must be 'train', 'valid' or 'test', got {split!r}")
-    return getattr(data, split)
+    return getattr(data, resolve_split(data, split))
 
 
-def pick(data, n: int, split: str = "test", seed: int = 0):
+def pick(data, n: int, split: str | None = None, seed: int = 0):
     """``n`` images drawn at random (seeded) from a split.
 
     Returns ``(x, labels, idx)``: float32 images (n, C, H, W) as the model sees them (dynamic
@@ -237,7 +258,7 @@ def pick(data, n: int, split: str = "test", seed: int = 0):
     images = split_of(data, split)
     total = len(images)
     if total == 0:
-        raise ValueError(f"the {split} split of {images.info.name} is empty")
+        raise ValueError(f"the {resolve_split(data, split)} split of {images.info.name} is empty")
     g = torch.Generator().manual_seed(seed)
     idx = torch.randperm(total, generator=g)[: min(n, total)]
     x = images.to_float(images.images[idx], generator=g)
@@ -245,7 +266,9 @@ def pick(data, n: int, split: str = "test", seed: int = 0):
     return x, labels, idx
 
 
-def encode(model, data, split: str = "test", n: int | None = None, batch_size: int = 500, seed=0):
+def encode(
+    model, data, split: str | None = None, n: int | None = None, batch_size: int = 500, seed=0
+):
     """Posterior means and log-variances of (up to ``n``, seeded) images of a split.
 
     Returns ``(mu, logvar, labels)``: float32 numpy (N, Z), (N, Z) and labels (N,) / (N, A) or None.
@@ -271,7 +294,7 @@ def kl_per_dim(mu: np.ndarray, logvar: np.ndarray) -> np.ndarray:
 
 
 def dims_by_kl(
-    model, data=None, split: str = "test", n: int = 1000
+    model, data=None, split: str | None = None, n: int = 1000
 ) -> tuple[np.ndarray, np.ndarray]:
     """Latent dimensions ordered by mean KL, most first, and their KL (nats).
 

@@ -38,7 +38,7 @@ def latent_comparison(
     mode: str = "samples",
     n: int = 16,
     temperature: float = 1.0,
-    split: str = "test",
+    split: str | None = None,
     seed: int = 0,
 ) -> Figure:
     """Latent-size comparison: one panel per model, ordered by latent size (Astorga Figs. 1, 4).

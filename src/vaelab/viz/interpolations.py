@@ -45,7 +45,7 @@ def interpolation(
     n: int = 4,
     steps: int = 10,
     method: str = "both",
-    split: str = "test",
+    split: str | None = None,
     seed: int = 0,
 ) -> Figure:
     """Interpolation between the latent means of pairs of test images, linear and slerp.
@@ -75,4 +75,6 @@ def interpolation(
     tiles = torch.cat([torch.cat([a[None], mid, b[None]]) for a, mid, b in rows])
     col_labels = ["A"] + [f"{v:.2g}" for v in t] + ["B"]
     title = "Interpolation between latent means (columns: t)"
-    return grid_figure(tiles, steps + 2, title, row_labels=labels, col_labels=col_labels)
+    return grid_figure(
+        tiles, steps + 2, title, row_labels=labels, col_labels=col_labels, xlabel="t"
+    )

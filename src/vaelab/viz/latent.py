@@ -8,7 +8,7 @@ import matplotlib.patches as mpatches
 import numpy as np
 from matplotlib.figure import Figure
 
-from vaelab.viz.base import FIGURES, encode, kl_per_dim, new_figure
+from vaelab.viz.base import FIGURES, encode, kl_per_dim, new_figure, resolve_split
 
 PROJECTIONS = ("pca", "tsne", "umap")
 
@@ -71,7 +71,7 @@ def latent_scatter(
     method: str = "pca",
     dims: tuple[int, int] | None = None,
     attribute: str | None = None,
-    split: str = "test",
+    split: str | None = None,
     seed: int = 0,
 ) -> Figure:
     """Posterior means of test images coloured by label (direct for z <= 2, else projected).
@@ -133,13 +133,16 @@ def latent_scatter(
     ax.set_ylabel(axis[1])
     how = "" if direct else f" ({method.upper() if method == 'pca' else method} projection)"
     ax.set_title(
-        f"Latent means of {len(mu)} {split} images, z = {model.latent_dim}{how}", fontsize=10
+        f"Latent means of {len(mu)} {resolve_split(data, split)} images, z = {model.latent_dim}{how}",
+        fontsize=10,
     )
     return fig
 
 
 @FIGURES.register("kl-per-dim")
-def kl_per_dimension(model, data, *, n: int = 2000, split: str = "test", seed: int = 0) -> Figure:
+def kl_per_dimension(
+    model, data, *, n: int = 2000, split: str | None = None, seed: int = 0
+) -> Figure:
     """Mean KL(q(z|x) || p(z)) per latent dimension, sorted; near-zero bars are inactive units."""
     mu, logvar, _ = encode(model, data, split, n=n, seed=seed)
     kl = kl_per_dim(mu, logvar)
@@ -153,7 +156,7 @@ def kl_per_dimension(model, data, *, n: int = 2000, split: str = "test", seed: i
     ax.set_xlabel("latent dimension (sorted by KL)")
     ax.set_ylabel("mean KL (nats)")
     ax.set_title(
-        f"KL per latent dimension, total {kl.sum():.2f} nats ({split}, {len(mu)} images)",
+        f"KL per latent dimension, total {kl.sum():.2f} nats ({resolve_split(data, split)}, {len(mu)} images)",
         fontsize=10,
     )
     ax.legend(fontsize=8, frameon=False)

@@ -69,13 +69,15 @@ def manifold(
     *,
     n: int = 15,
     dims: tuple[int, int] | None = None,
+    plane: np.ndarray | None = None,
     lo: float = 0.05,
     hi: float = 0.95,
 ) -> Figure:
     """The 2-D manifold: decoder means over a latent grid spaced by the inverse Gaussian CDF.
 
-    z = 2: the whole latent plane. z > 2: the two dimensions with most KL on the test split
-    (or ``dims``), all other dimensions at 0. z = 1: one row.
+    z = 2: the whole latent plane. z > 2: the two dimensions with most KL on the held-out
+    split (or ``dims``), or the plane through 0 spanned by the two rows of ``plane`` (2, Z);
+    all other directions at 0. z = 1: one row.
     """
     zdim = model.latent_dim
     if zdim == 1:
@@ -87,31 +89,38 @@ def manifold(
         _ticks(ax.set_xticks, q, model.shape[2], pad=0)
         ax.set_xlabel("z[0]")
         return fig
-    if dims is None:
-        order, _ = dims_by_kl(model, data)
-        dims = (int(order[0]), int(order[1]))
-        chosen = "" if zdim == 2 or data is None else " (the two with most KL)"
+    if plane is not None:
+        if dims is not None:
+            raise ValueError("give dims or plane, not both")
+        z = manifold_latents(n, zdim, plane=plane, lo=lo, hi=hi)
+        axes = ("u (first row of plane)", "v (second row of plane)")
+        title = "2-D manifold on a chosen plane through 0"
     else:
-        dims = (int(dims[0]), int(dims[1]))
         chosen = ""
-    for d in dims:
-        if not 0 <= d < zdim:
-            raise ValueError(f"dims must lie in 0..{zdim - 1}, got {dims}")
-    if dims[0] == dims[1]:
-        raise ValueError(f"dims must be two different dimensions, got {dims}")
-    z = manifold_latents(n, zdim, dims, lo=lo, hi=hi)
+        if dims is None:
+            order, _ = dims_by_kl(model, data)
+            dims = (int(order[0]), int(order[1]))
+            chosen = "" if zdim == 2 or data is None else " (the two with most KL)"
+        dims = (int(dims[0]), int(dims[1]))
+        for d in dims:
+            if not 0 <= d < zdim:
+                raise ValueError(f"dims must lie in 0..{zdim - 1}, got {dims}")
+        if dims[0] == dims[1]:
+            raise ValueError(f"dims must be two different dimensions, got {dims}")
+        z = manifold_latents(n, zdim, dims, lo=lo, hi=hi)
+        axes = (f"z[{dims[0]}]", f"z[{dims[1]}]")
+        rest = "" if zdim == 2 else f", other {zdim - 2} dims at 0"
+        title = f"2-D manifold on z[{dims[0]}], z[{dims[1]}]{chosen}{rest}"
     x = as_numpy(decode_mean(model, z.reshape(n * n, zdim)))
     inch = tile_inches(model.shape) * 0.8  # seamless tiles read well a little smaller
     fig = new_figure(n * inch + 1.0, n * inch + 1.0)
     ax = fig.add_subplot()
-    rest = "" if zdim == 2 else f", other {zdim - 2} dims at 0"
-    title = f"2-D manifold on z[{dims[0]}], z[{dims[1]}]{chosen}{rest}"
     show_grid(ax, tile(x, n, pad=0), wrap_title(title, n * inch + 1.0))
     q = inverse_cdf_grid(n, lo, hi)
     _ticks(ax.set_xticks, q, model.shape[2], pad=0)
     _ticks(ax.set_yticks, q[::-1], model.shape[1], pad=0)
-    ax.set_xlabel(f"z[{dims[0]}]")
-    ax.set_ylabel(f"z[{dims[1]}]")
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
     return fig
 
 

@@ -13,7 +13,7 @@ from vaelab.viz.base import FIGURES, decode_mean, evaluating, grid_figure, pick
 
 @FIGURES.register("reconstructions")
 def reconstructions(
-    model, data, *, n: int = 32, layout: str = "columns", split: str = "test", seed: int = 0
+    model, data, *, n: int = 32, layout: str = "columns", split: str | None = None, seed: int = 0
 ) -> Figure:
     """Originals beside their reconstructions (alternating columns, or paired rows).
 
@@ -53,7 +53,7 @@ def neighbourhood(
     n: int = 6,
     sigma: float | tuple[float, ...] = (0.1, 0.5, 1.0),
     samples: int = 3,
-    split: str = "test",
+    split: str | None = None,
     seed: int = 0,
 ) -> Figure:
     """Decodes of mu(x) + sigma * eps around real encodings (Chakravarthy Fig. 20).

@@ -23,7 +23,9 @@ from vaelab.viz.base import (
 )
 
 
-def base_latent(model, data, base: str = "data", split: str = "test", seed: int = 0) -> np.ndarray:
+def base_latent(
+    model, data, base: str = "data", split: str | None = None, seed: int = 0
+) -> np.ndarray:
     """The latent traversals start from: ``data`` (the posterior mean of one test image, drawn
     by ``seed``), ``zero`` (the prior mean) or ``prior`` (a draw from N(0, I)); shape (Z,)."""
     if base == "zero" or (base == "data" and data is None):
@@ -74,7 +76,7 @@ def traversal(
     steps: int = 11,
     limit: float = 3.0,
     base: str = "data",
-    split: str = "test",
+    split: str | None = None,
     seed: int = 0,
 ) -> Figure:
     """Traversals: one row per latent dimension (most KL first), the others held at a base.
@@ -88,7 +90,9 @@ def traversal(
     rows = [_row_label(d, k) for d, k in zip(chosen, kls)]
     cols = [f"{v:+.1f}" for v in values]
     title = f"Latent traversals from a {base} latent (rows ordered by KL)"
-    return grid_figure(x, steps, title, row_labels=rows, col_labels=cols)
+    return grid_figure(
+        x, steps, title, row_labels=rows, col_labels=cols, xlabel="value of the traversed dimension"
+    )
 
 
 @FIGURES.register("traversal-animation")
@@ -101,7 +105,7 @@ def traversal_animation(
     steps: int = 21,
     limit: float = 3.0,
     base: str = "data",
-    split: str = "test",
+    split: str | None = None,
     seed: int = 0,
 ) -> Frames:
     """Traversals as an animated GIF: one panel per dimension, all swept together.
