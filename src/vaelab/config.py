@@ -97,7 +97,11 @@ class ObjectiveConfig:
 
 @dataclass(frozen=True)
 class TrainConfig:
-    """Optimisation and the training loop (see :func:`vaelab.train.fit`)."""
+    """Optimisation and the training loop (see :func:`vaelab.train.fit`).
+
+    ``threads`` > 0 sets torch's intra-op threads during the run (0 keeps torch's default);
+    ``tensorboard`` also logs to ``RUN/tensorboard`` when the package is installed.
+    """
 
     epochs: int = 10
     max_steps: int = 0
@@ -118,6 +122,7 @@ class TrainConfig:
     figures: bool = True
     report: bool = True
     tensorboard: bool = False
+    threads: int = 0
 
 
 @dataclass(frozen=True)
@@ -335,7 +340,9 @@ def _set_path(obj: Any, path: list[str], text: str, full_key: str) -> Any:
     names = [f.name for f in fields(obj)]
     head = path[0]
     if head not in names:
-        prefix = full_key.rsplit(".", 1)[0] + "." if "." in full_key else ""
+        parts = full_key.strip().split(".")
+        consumed = parts[: len(parts) - len(path)]  # the sections already walked through
+        prefix = ".".join(consumed) + "." if consumed else ""
         raise ValueError(
             f"unknown config key {full_key!r}; valid keys here: "
             + ", ".join(prefix + n for n in names)

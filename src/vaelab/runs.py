@@ -21,10 +21,12 @@ from __future__ import annotations
 
 import json
 import os
+import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vaelab.config import Config, from_dict, to_dict
@@ -134,6 +136,43 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     return payload
 
 
+def capture_rng_state(noise: torch.Generator | None = None) -> dict:
+    """The RNG states a checkpoint needs (torch CPU and CUDA, NumPy, Python, the z-noise
+    generator), as tensors and plain values so ``torch.load(weights_only=True)`` reads them."""
+    np_state = np.random.get_state(legacy=False)
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
+            "pos": int(np_state["state"]["pos"]),
+            "has_gauss": int(np_state["has_gauss"]),
+            "gauss": float(np_state["gauss"]),
+        },
+        "python": random.getstate(),
+        "noise": None if noise is None else noise.get_state(),
+    }
+
+
+def restore_rng_state(state: dict, noise: torch.Generator | None = None) -> None:
+    """Undo :func:`capture_rng_state`."""
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    n = state["numpy"]
+    np.random.set_state(
+        {
+            "bit_generator": "MT19937",
+            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
+            "has_gauss": n["has_gauss"],
+            "gauss": n["gauss"],
+        }
+    )
+    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
+    if noise is not None and state["noise"] is not None:
+        noise.set_state(state["noise"])
+
+
 def remove_stale_temporaries(folder: Path) -> None:
     """Delete ``.NAME.*.tmp`` files a killed atomic write left behind."""
     if folder.is_dir():
@@ -147,7 +186,7 @@ def remove_stale_temporaries(folder: Path) -> None:
 def resolve_run(name_or_path: str | os.PathLike, runs_dir: str | os.PathLike = RUNS_DIR) -> Path:
     """A run folder from a path (``runs/NAME``) or a bare NAME under ``runs_dir``."""
     p = Path(name_or_path).expanduser()
-    candidates = [p] if p.is_absolute() else [p, Path(runs_dir) / p]
+    candidates = [p] if p.is_absolute() or len(p.parts) > 1 else [p, Path(runs_dir) / p]
     for c in candidates:
         if (c / CONFIG_FILE).is_file():
             return c

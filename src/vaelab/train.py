@@ -217,39 +217,6 @@ def validate(model: VAE, imageset, batch_size: int, device: torch.device, seed: 
     return {"elbo": e, "rec": r, "kl": k}
 
 
-def _rng_state(noise: torch.Generator) -> dict:
-    np_state = np.random.get_state(legacy=False)
-    return {
-        "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        "numpy": {
-            "key": torch.from_numpy(np_state["state"]["key"].astype(np.int64)),
-            "pos": int(np_state["state"]["pos"]),
-            "has_gauss": int(np_state["has_gauss"]),
-            "gauss": float(np_state["gauss"]),
-        },
-        "python": random.getstate(),
-        "noise": noise.get_state(),
-    }
-
-
-def _set_rng_state(state: dict, noise: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    if state["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-    n = state["numpy"]
-    np.random.set_state(
-        {
-            "bit_generator": "MT19937",
-            "state": {"key": n["key"].numpy().astype(np.uint32), "pos": n["pos"]},
-            "has_gauss": n["has_gauss"],
-            "gauss": n["gauss"],
-        }
-    )
-    random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
-    noise.set_state(state["noise"])
-
-
 class _StopSignals:
     """Turn SIGINT/SIGTERM into a flag checked after each step; a second signal aborts."""
 
@@ -296,6 +263,384 @@ def _callbacks(callbacks: Iterable[Any], hook: str) -> list[Callable]:
     return [getattr(cb, hook) for cb in callbacks if callable(getattr(cb, hook, None))]
 
 
+# ------------------------------------------------------------------------------ the loop
+
+
+class _Loop:
+    """The state of one training run and the steps that change it; :func:`fit` drives it.
+
+    Everything here that a resume needs goes through :meth:`state_dict`.
+    """
+
+    def __init__(
+        self,
+        cfg: Config,
+        data,
+        device: torch.device,
+        run_dir: Path | None,
+        callbacks: Iterable[Any],
+        progress: bool,
+    ) -> None:
+        from vaelab.data import BatchIterator
+
+        tc = cfg.train
+        self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
+        self.progress = progress
+        self.t_start = time.perf_counter()
+        self.model = build_model(cfg.model, data.info.shape).to(device)
+        self.optimizer = make_optimizer(self.model, cfg, device)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.batches = BatchIterator(data.train, tc.batch_size, seed=cfg.seed, device=device)
+        steps_per_epoch = len(self.batches)
+        if steps_per_epoch == 0:
+            raise ValueError(f"{data.info.name}: the training split is empty")
+        total = tc.max_steps if tc.max_steps > 0 else tc.epochs * steps_per_epoch
+        self.n_epochs = math.ceil(total / steps_per_epoch)
+        self.scheduler = make_scheduler(self.optimizer, cfg, total)
+        self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)
+        self.st = TrainState(cfg, self.model, self.optimizer, run_dir, total, steps_per_epoch)
+        self.autocast = (
+            torch.autocast("cuda", dtype=torch.bfloat16)
+            if tc.bf16 and device.type == "cuda"
+            else nullcontext()
+        )
+        if tc.bf16 and device.type != "cuda":
+            warnings.warn(
+                f"train.bf16 is for CUDA only; training in float32 on {device}", stacklevel=3
+            )
+        if tc.compile:  # in place, so state_dict keys stay the same
+            self.model.encoder.compile()
+            self.model.decoder.compile()
+        info = data.info
+        proper = self.model.likelihood.is_proper(info.value_kind)
+        discrete = proper and info.value_kind in ("binary", "8bit")
+        self.bpd_scale = -1.0 / (info.num_pixels * math.log(2)) if discrete else None
+        self.acc_dtype = torch.float32 if device.type == "mps" else torch.float64
+        # Counters saved in checkpoints.
+        self.best_elbo, self.best_epoch, self.since_best, self.bad_steps = -math.inf, 0, 0, 0
+        self.history: list[dict] = []
+        self.elapsed0, self.train_time, self.images_seen = 0.0, 0.0, 0
+        self.epoch_acc = torch.zeros(4, dtype=self.acc_dtype, device=device)  # loss elbo rec kl
+        self.epoch_images, self.epoch_time = 0, 0.0
+        # Not saved: the divergence flags (never saved while set) and the logging window.
+        self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
+        self.grad_was_bad = torch.zeros((), dtype=torch.bool, device=device)
+        self.window_acc = self.epoch_acc.clone()
+        self.window_images, self.window_t0 = 0, time.perf_counter()
+        self.last_gnorm = float("nan")
+        self.best_state: dict | None = None
+        self.stopped_early = False
+        self.log: runs.MetricsLog | None = None
+        self.tb = None
+        self.callbacks = {
+            hook: _callbacks(callbacks, hook)
+            for hook in ("on_train_begin", "on_step_end", "on_epoch_end", "on_train_end")
+        }
+
+    # ---------------------------------------------------------------------- state and files
+
+    _COUNTERS = (
+        "best_elbo",
+        "best_epoch",
+        "since_best",
+        "bad_steps",
+        "history",
+        "train_time",
+        "images_seen",
+        "epoch_images",
+        "epoch_time",
+    )
+
+    def state_dict(self) -> dict:
+        st = self.st
+        return {
+            "format": runs.CHECKPOINT_FORMAT,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": None if self.scheduler is None else self.scheduler.state_dict(),
+            "step": st.step,
+            "epoch": st.epoch,
+            "batch": st.batch,
+            "rng": runs.capture_rng_state(self.noise),
+            "data_seed": self.cfg.seed,  # the data order is a function of (seed, epoch, batch)
+            **{k: getattr(self, k) for k in self._COUNTERS},
+            "epoch_acc": self.epoch_acc.cpu(),
+            "elapsed": self.now(),
+            "metrics_offset": None if self.log is None else self.log.offset,
+            "config": to_dict(self.cfg),
+        }
+
+    def load_state_dict(self, ckpt: dict) -> None:
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        if self.scheduler is not None and ckpt["scheduler"] is not None:
+            self.scheduler.load_state_dict(ckpt["scheduler"])
+        runs.restore_rng_state(ckpt["rng"], self.noise)
+        self.st.step, self.st.epoch, self.st.batch = ckpt["step"], ckpt["epoch"], ckpt["batch"]
+        for k in self._COUNTERS:
+            setattr(self, k, ckpt[k])
+        self.epoch_acc.copy_(ckpt["epoch_acc"].to(self.acc_dtype))
+        self.window_acc.copy_(self.epoch_acc)
+        self.elapsed0 = ckpt["elapsed"]
+
+    def open_files(self, metrics_offset: int | None) -> None:
+        if self.run_dir is None:
+            return
+        runs.write_config(self.run_dir, self.cfg, self.data.info.shape)
+        self.log = runs.MetricsLog(self.run_dir / runs.METRICS_FILE, metrics_offset)
+        self.tb = _tensorboard(self.cfg, self.run_dir)
+
+    def close(self) -> None:
+        if self.log is not None:
+            self.log.close()
+        if self.tb is not None:
+            self.tb.close()
+
+    def now(self) -> float:
+        """Seconds since the run started, across resumes."""
+        return self.elapsed0 + time.perf_counter() - self.t_start
+
+    def emit(self, record: dict) -> None:
+        if self.log is not None:
+            self.log.write(record)
+        if self.tb is not None:
+            tag = f"{record['kind']}/{record['split']}"
+            for k, v in record.items():
+                if isinstance(v, float):
+                    self.tb.add_scalar(f"{tag}/{k}", v, record["step"])
+
+    def save_checkpoint(self, best: bool = False) -> None:
+        if self.run_dir is None:
+            return
+        self.assert_finite()  # never checkpoint a diverged model
+        payload = self.state_dict()
+        folder = self.run_dir / "checkpoints"
+        runs.save_checkpoint(folder / "last.pt", payload)
+        if best:
+            runs.save_checkpoint(folder / "best.pt", payload)
+
+    def assert_finite(self) -> None:
+        """Raise if any step since the last check had a non-finite loss (one device sync)."""
+        bad = int(self.first_bad)
+        if bad >= 0:
+            what = "gradient norm" if bool(self.grad_was_bad) else "loss"
+            raise TrainingDiverged(bad, self.run_dir, what)
+
+    # ---------------------------------------------------------------------- steps
+
+    def train_step(self, x: torch.Tensor, log_now: bool) -> torch.Tensor | None:
+        """One optimizer step on batch x (B, C, H, W); returns the gradient norm if computed.
+
+        No host-device sync unless ``train.max_bad_steps`` > 0.
+        """
+        tc, st, opt = self.cfg.train, self.st, self.optimizer
+        step = st.step
+        with self.autocast:
+            out = compute_objective(
+                self.model, x, self.cfg.objective, step, st.total_steps, self.noise
+            )
+        loss = out.loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gnorm = None
+        if tc.grad_clip > 0:
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip, foreach=True)
+        elif log_now or tc.max_bad_steps > 0:
+            gnorm = grad_norm(self.params)
+        bad = ~torch.isfinite(loss.detach())
+        if gnorm is not None:
+            gbad = ~torch.isfinite(gnorm)
+            self.grad_was_bad |= gbad & ~bad & (self.first_bad < 0)
+            bad = bad | gbad
+        if tc.max_bad_steps > 0 and bool(bad):  # opt-in skipping: one sync per step
+            self.bad_steps += 1
+            if self.bad_steps > tc.max_bad_steps:
+                raise TrainingDiverged(step + 1, self.run_dir, f"loss ({self.bad_steps} bad steps)")
+            opt.zero_grad(set_to_none=True)
+            self.grad_was_bad.zero_()
+        else:
+            self.first_bad = torch.where(bad & (self.first_bad < 0), step + 1, self.first_bad)
+            opt.step()
+            if tc.schedule == "cosine":
+                self.scheduler.step()
+            b = x.shape[0]
+            stats = [
+                loss.detach() * b,
+                out.elbo.detach().sum(),
+                -out.log_px_z.detach().sum(),
+                out.kl.detach().sum(),
+            ]
+            self.epoch_acc += torch.stack(stats).to(self.acc_dtype)
+            self.epoch_images += b
+            self.window_images += b
+            self.images_seen += b
+        st.step, st.batch = step + 1, st.batch + 1
+        return gnorm
+
+    def log_window(self, gnorm: torch.Tensor | None) -> dict:
+        """A step record: the means since the previous one (the window's one sync)."""
+        self.assert_finite()
+        dt = time.perf_counter() - self.window_t0
+        means = ((self.epoch_acc - self.window_acc) / max(1, self.window_images)).tolist()
+        self.last_gnorm = float(gnorm) if gnorm is not None else float("nan")
+        rec = _record("step", "train", self.st, means, self.cfg, self.st.step - 1, self.optimizer)
+        rec.update(
+            grad_norm=self.last_gnorm,
+            images_per_s=self.window_images / max(dt, 1e-9),
+            time=self.now(),
+            bad_steps=self.bad_steps,
+        )
+        self.emit(rec)
+        self.window_acc.copy_(self.epoch_acc)
+        self.window_images, self.window_t0 = 0, time.perf_counter()
+        return rec
+
+    def end_epoch(self) -> list[dict]:
+        """Train means and the validation ELBO; best/early stopping/plateau; checkpoint."""
+        self.assert_finite()
+        st, tc = self.st, self.cfg.train
+        means = (self.epoch_acc / max(1, self.epoch_images)).tolist()
+        train_rec = _record("epoch", "train", st, means, self.cfg, st.step - 1, self.optimizer)
+        train_rec.update(
+            grad_norm=self.last_gnorm,
+            time=self.now(),
+            bad_steps=self.bad_steps,
+            images_per_s=self.epoch_images / max(self.epoch_time, 1e-9),
+        )
+        records = [train_rec]
+        if len(self.data.valid) > 0:
+            v = validate(
+                self.model, self.data.valid, tc.eval_batch_size, self.device, self.cfg.seed
+            )
+            if not math.isfinite(v["elbo"]):
+                raise TrainingDiverged(st.step, self.run_dir, "validation ELBO")
+            valid_rec = {
+                **{k: train_rec[k] for k in ("kind", "step", "epoch")},
+                "split": "valid",
+                "loss": -v["elbo"],
+                **v,
+                **{k: train_rec[k] for k in ("beta", "lr")},
+                "time": self.now(),
+            }
+            if self.bpd_scale is not None:
+                valid_rec["bits_per_dim"] = v["elbo"] * self.bpd_scale
+            records.append(valid_rec)
+        score = records[-1]["elbo"]  # the validation ELBO (train ELBO without a valid split)
+        improved = score > self.best_elbo
+        if improved:
+            self.best_elbo, self.best_epoch, self.since_best = score, st.epoch + 1, 0
+            if tc.early_stopping > 0:
+                self.best_state = {
+                    k: t.detach().clone() for k, t in self.model.state_dict().items()
+                }
+        else:
+            self.since_best += 1
+        if tc.schedule == "plateau":
+            self.scheduler.step(score)
+        for r in records:
+            self.emit(r)
+        self.history.extend(records)
+        self.stopped_early = 0 < tc.early_stopping <= self.since_best
+        if st.batch >= st.steps_per_epoch:  # a whole epoch (not one cut short by max_steps)
+            st.epoch, st.batch = st.epoch + 1, 0
+            self.epoch_acc.zero_()
+            self.window_acc.zero_()
+            self.epoch_images, self.epoch_time = 0, 0.0
+        self.save_checkpoint(best=improved)
+        return records
+
+    def run(self) -> None:
+        """Train until the step budget is spent, early stopping, or a stop request."""
+        from tqdm.auto import tqdm
+
+        st, tc = self.st, self.cfg.train
+        for cb in self.callbacks["on_train_begin"]:
+            cb(st)
+        bar = tqdm(
+            total=st.total_steps,
+            initial=st.step,
+            disable=(not self.progress) or None,
+            unit="step",
+            dynamic_ncols=True,
+            leave=False,
+        )
+        step_cbs = self.callbacks["on_step_end"]
+        self.model.train()
+        try:
+            with _StopSignals() as signals:
+                while st.step < st.total_steps and not self.stopped_early:
+                    t0 = time.perf_counter()
+                    bar.set_description(f"epoch {st.epoch + 1}/{self.n_epochs}")
+                    for x in self.batches.epoch(st.epoch, start_batch=st.batch):
+                        log_now = (st.step + 1) % tc.log_every == 0
+                        gnorm = self.train_step(x, log_now)
+                        bar.update(1)
+                        if log_now:
+                            r = self.log_window(gnorm)
+                            bar.set_postfix(
+                                loss=f"{r['loss']:.2f}",
+                                elbo=f"{r['elbo']:.2f}",
+                                kl=f"{r['kl']:.2f}",
+                                img_s=f"{r['images_per_s']:.0f}",
+                                refresh=False,
+                            )
+                        if tc.checkpoint_every > 0 and st.step % tc.checkpoint_every == 0:
+                            self.save_checkpoint()
+                        for cb in step_cbs:
+                            cb(st)
+                        reason = signals.reason or st.stop_reason
+                        if reason is not None:
+                            self._add_time(t0)
+                            self.save_checkpoint()
+                            raise TrainingInterrupted(st.step, self.run_dir, reason)
+                        if st.step >= st.total_steps:
+                            break
+                    self._add_time(t0)
+                    records = self.end_epoch()
+                    e = records[0]["epoch"]  # about 20 epoch lines per run, plus the last
+                    if self.progress and (
+                        e % max(1, self.n_epochs // 20) == 0
+                        or e == 1
+                        or st.step >= st.total_steps
+                        or self.stopped_early
+                    ):
+                        tqdm.write(_epoch_line(st, self.n_epochs, records), file=sys.stderr)
+                    for cb in self.callbacks["on_epoch_end"]:
+                        cb(st, records)
+                    reason = signals.reason or st.stop_reason
+                    if reason is not None and st.step < st.total_steps and not self.stopped_early:
+                        self.save_checkpoint()
+                        raise TrainingInterrupted(st.step, self.run_dir, reason)
+        finally:
+            bar.close()
+
+    def _add_time(self, t0: float) -> None:
+        dt = time.perf_counter() - t0
+        self.epoch_time += dt
+        self.train_time += dt
+
+    def finish(self) -> FitResult:
+        """Release the model (best weights under early stopping), write the run's last files."""
+        if self.best_state is not None:
+            self.model.load_state_dict(self.best_state)
+        model, run_dir, tc = self.model.eval(), self.run_dir, self.cfg.train
+        summary = _summary(self)
+        result = FitResult(model=model, run_dir=run_dir, summary=summary, history=self.history)
+        if run_dir is not None:
+            save_model(model, self.cfg, run_dir)
+            if tc.figures:
+                summary["figures"] = _optional_step(
+                    "vaelab.viz", "save_default_figures", model, self.data, run_dir / "figures"
+                )
+            runs.write_json(run_dir / runs.SUMMARY_FILE, summary)
+            if tc.report:
+                summary["report"] = _optional_step("vaelab.report", "write_report", run_dir)
+                runs.write_json(run_dir / runs.SUMMARY_FILE, summary)
+        for cb in self.callbacks["on_train_end"]:
+            cb(self.st, result)
+        return result
+
+
 # ------------------------------------------------------------------------------ fit
 
 
@@ -318,21 +663,21 @@ def fit(
         data: :class:`vaelab.data.DataSplits` to use instead of loading ``cfg.data``.
         resume: a run folder (or NAME under ./runs) to continue from its ``checkpoints/last.pt``;
             model, optimizer, schedule, RNG states, data order and step continue exactly.
-        progress: show a progress bar (on a terminal) and one line per epoch.
+            Only ``train.*`` settings may differ from the checkpoint's config.
+        progress: a progress bar (on a terminal) and one line per epoch on stderr.
         callbacks: objects with any of ``on_train_begin(state)``, ``on_step_end(state)``,
-            ``on_epoch_end(state, records)``, ``on_train_end(state, result)``;
-            ``state`` is a :class:`TrainState`.
+            ``on_epoch_end(state, records)``, ``on_train_end(state, result)``, where ``state``
+            is a :class:`TrainState`; ``state.request_stop()`` stops like SIGINT does.
         data_dir: where datasets live (else ``cfg.data.data_dir``, else ``$VAELAB_DATA_DIR``).
 
     Returns:
-        :class:`FitResult`. Raises :class:`TrainingInterrupted` on SIGINT/SIGTERM and
-        :class:`TrainingDiverged` on a NaN/Inf loss.
+        :class:`FitResult`.
+
+    Raises:
+        TrainingInterrupted: SIGINT, SIGTERM or a callback stopped the run (checkpoint saved).
+        TrainingDiverged: a NaN/Inf loss or gradient norm; ``last.pt`` is the last good state.
+        ValueError, FileNotFoundError: a bad config, missing data, or nothing to resume.
     """
-    from tqdm.auto import tqdm
-
-    from vaelab.data import BatchIterator
-
-    t_start = time.perf_counter()
     tc = cfg.train
     if tc.schedule not in SCHEDULES:
         raise ValueError(
@@ -342,9 +687,9 @@ def fit(
         raise ValueError("train.epochs (or train.max_steps) must be >= 1")
     if tc.log_every < 1:
         raise ValueError(f"train.log_every must be >= 1, got {tc.log_every}")
+    if tc.threads < 0:
+        raise ValueError(f"train.threads must be >= 0 (0: torch's default), got {tc.threads}")
     device = pick_device(tc.device)
-
-    # Run folder and checkpoint to resume from.
     ckpt = None
     if resume is not None:
         run_dir = runs.resolve_run(resume)
@@ -354,335 +699,38 @@ def fit(
         ckpt = runs.load_checkpoint(last)
         _check_resumable(cfg, ckpt["config"], last)
         runs.remove_stale_temporaries(last.parent)
-    elif out_dir is not None:
-        run_dir = runs.new_run_dir(out_dir, cfg.name)
     else:
-        run_dir = None
+        run_dir = None if out_dir is None else runs.new_run_dir(out_dir, cfg.name)
 
+    threads = torch.get_num_threads()
+    if tc.threads > 0:
+        torch.set_num_threads(tc.threads)
+    try:
+        return _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir) -> FitResult:
     seed_everything(cfg.seed)
     if data is None:
         data = load_data(cfg, data_dir)
-    info = data.info
-    model = build_model(cfg.model, info.shape).to(device)
-    optimizer = make_optimizer(model, cfg, device)
-    train_iter = BatchIterator(data.train, tc.batch_size, seed=cfg.seed, device=device)
-    steps_per_epoch = len(train_iter)
-    if steps_per_epoch == 0:
-        raise ValueError(f"{info.name}: the training split is empty")
-    total_steps = tc.max_steps if tc.max_steps > 0 else tc.epochs * steps_per_epoch
-    n_epochs = math.ceil(total_steps / steps_per_epoch)
-    scheduler = make_scheduler(optimizer, cfg, total_steps)
-    noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)
-    params = [p for p in model.parameters() if p.requires_grad]
-    proper = model.likelihood.is_proper(info.value_kind)
-    bpd_scale = (
-        -1.0 / (info.num_pixels * math.log(2))
-        if proper and info.value_kind in ("binary", "8bit")
-        else None
-    )
-    has_valid = len(data.valid) > 0
-    acc_dtype = torch.float32 if device.type == "mps" else torch.float64
-
-    # Loop state (all of it goes into checkpoints).
-    st = TrainState(cfg, model, optimizer, run_dir, total_steps, steps_per_epoch)
-    best_elbo, best_epoch, since_best, bad_steps = -math.inf, 0, 0, 0
-    history: list[dict] = []
-    elapsed0, train_time = 0.0, 0.0
-    epoch_acc = torch.zeros(4, dtype=acc_dtype, device=device)  # loss, elbo, rec, kl sums
-    epoch_images, epoch_time, images_seen = 0, 0.0, 0
+    loop = _Loop(cfg, data, device, run_dir, callbacks, progress)
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
-        if scheduler is not None and ckpt["scheduler"] is not None:
-            scheduler.load_state_dict(ckpt["scheduler"])
-        _set_rng_state(ckpt["rng"], noise)
-        st.step, st.epoch, st.batch = ckpt["step"], ckpt["epoch"], ckpt["batch"]
-        best_elbo, best_epoch = ckpt["best_valid_elbo"], ckpt["best_epoch"]
-        since_best, bad_steps = ckpt["epochs_since_best"], ckpt["bad_steps"]
-        history, elapsed0, train_time = ckpt["history"], ckpt["elapsed"], ckpt["train_time"]
-        epoch_acc.copy_(ckpt["epoch_acc"].to(acc_dtype))
-        epoch_images, epoch_time = ckpt["epoch_images"], ckpt["epoch_time"]
-        images_seen = ckpt["images_seen"]
-
-    log = None
-    tb = None
-    if run_dir is not None:
-        runs.write_config(run_dir, cfg, info.shape)
-        log = runs.MetricsLog(run_dir / runs.METRICS_FILE, ckpt["metrics_offset"] if ckpt else None)
-        tb = _tensorboard(cfg, run_dir)
-    best_state = None  # in-memory copy of the best weights, for early stopping
-    if tc.compile:
-        model.encoder.compile()
-        model.decoder.compile()
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16)
-        if tc.bf16 and device.type == "cuda"
-        else nullcontext()
-    )
-    if tc.bf16 and device.type != "cuda":
-        warnings.warn(f"train.bf16 is for CUDA only; training in float32 on {device}", stacklevel=2)
-
-    def now() -> float:
-        return elapsed0 + time.perf_counter() - t_start
-
-    def emit(record: dict) -> None:
-        if log is not None:
-            log.write(record)
-        if tb is not None:
-            tag = f"{record['kind']}/{record['split']}"
-            for k, v in record.items():
-                if isinstance(v, float):
-                    tb.add_scalar(f"{tag}/{k}", v, record["step"])
-
-    def checkpoint(best: bool = False) -> None:
-        if run_dir is None:
-            return
-        payload = {
-            "format": runs.CHECKPOINT_FORMAT,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": None if scheduler is None else scheduler.state_dict(),
-            "step": st.step,
-            "epoch": st.epoch,
-            "batch": st.batch,
-            "rng": _rng_state(noise),
-            "data_seed": cfg.seed,
-            "best_valid_elbo": best_elbo,
-            "best_epoch": best_epoch,
-            "epochs_since_best": since_best,
-            "bad_steps": bad_steps,
-            "epoch_acc": epoch_acc.cpu(),
-            "epoch_images": epoch_images,
-            "epoch_time": epoch_time,
-            "images_seen": images_seen,
-            "history": history,
-            "elapsed": now(),
-            "train_time": train_time,
-            "metrics_offset": log.offset,
-            "config": to_dict(cfg),
-        }
-        folder = run_dir / "checkpoints"
-        runs.save_checkpoint(folder / "last.pt", payload)
-        if best:
-            runs.save_checkpoint(folder / "best.pt", payload)
-
-    # Divergence bookkeeping without syncs: the first step whose loss was not finite (-1: none).
-    first_bad = torch.full((), -1, dtype=torch.long, device=device)
-    grad_was_bad = torch.zeros((), dtype=torch.bool, device=device)
-
-    def assert_finite() -> None:
-        bad = int(first_bad)
-        if bad >= 0:
-            raise TrainingDiverged(bad, run_dir, "gradient norm" if bool(grad_was_bad) else "loss")
-
-    window_acc = epoch_acc.clone()
-    window_images, window_t0 = 0, time.perf_counter()
-    last_gnorm = float("nan")
-    step_cbs, epoch_cbs = (
-        _callbacks(callbacks, "on_step_end"),
-        _callbacks(callbacks, "on_epoch_end"),
-    )
-    for cb in _callbacks(callbacks, "on_train_begin"):
-        cb(st)
+        loop.load_state_dict(ckpt)
     if progress:
         where = f" -> {run_dir}" if run_dir is not None else ""
         print(
             f"vaelab: training {cfg.name}: {data.describe()}; {cfg.model.arch}, "
-            f"{count_parameters(model):,} parameters, {device}{where}",
+            f"{count_parameters(loop.model):,} parameters, {device}{where}",
             file=sys.stderr,
         )
-    bar = tqdm(
-        total=total_steps,
-        initial=st.step,
-        disable=(not progress) or None,
-        unit="step",
-        dynamic_ncols=True,
-        leave=False,
-    )
-    stopped_early = False
-    model.train()
+    loop.open_files(ckpt["metrics_offset"] if ckpt else None)
     try:
-        with _StopSignals() as signals:
-            while st.step < total_steps and not stopped_early:
-                epoch_t0 = time.perf_counter()
-                bar.set_description(f"epoch {st.epoch + 1}/{n_epochs}")
-                for x in train_iter.epoch(st.epoch, start_batch=st.batch):
-                    # ---------------------------------------------------------------- step
-                    step = st.step
-                    log_now = (step + 1) % tc.log_every == 0
-                    with autocast:
-                        out = compute_objective(model, x, cfg.objective, step, total_steps, noise)
-                    loss = out.loss
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    gnorm = None
-                    if tc.grad_clip > 0:
-                        gnorm = torch.nn.utils.clip_grad_norm_(params, tc.grad_clip, foreach=True)
-                    elif log_now or tc.max_bad_steps > 0:
-                        gnorm = grad_norm(params)
-                    bad = ~torch.isfinite(loss.detach())
-                    if gnorm is not None:
-                        gbad = ~torch.isfinite(gnorm)
-                        grad_was_bad |= gbad & ~bad & (first_bad < 0)
-                        bad = bad | gbad
-                    if tc.max_bad_steps > 0 and bool(bad):  # opt-in: one sync per step
-                        bad_steps += 1
-                        if bad_steps > tc.max_bad_steps:
-                            raise TrainingDiverged(step, run_dir, f"loss ({bad_steps} bad steps)")
-                        optimizer.zero_grad(set_to_none=True)
-                        grad_was_bad.zero_()
-                    else:
-                        first_bad = torch.where(bad & (first_bad < 0), step, first_bad)
-                        optimizer.step()
-                        if scheduler is not None and tc.schedule == "cosine":
-                            scheduler.step()
-                        b = x.shape[0]
-                        epoch_acc += torch.stack(
-                            [
-                                loss.detach() * b,
-                                out.elbo.detach().sum(),
-                                -out.log_px_z.detach().sum(),
-                                out.kl.detach().sum(),
-                            ]
-                        ).to(acc_dtype)
-                        epoch_images += b
-                        window_images += b
-                        images_seen += b
-                    st.step, st.batch = step + 1, st.batch + 1
-                    bar.update(1)
-                    # --------------------------------------------------------- bookkeeping
-                    if log_now:
-                        assert_finite()  # the one sync of the window
-                        dt = time.perf_counter() - window_t0
-                        w = ((epoch_acc - window_acc) / max(1, window_images)).tolist()
-                        last_gnorm = float(gnorm) if gnorm is not None else float("nan")
-                        rec = _record("step", "train", st, w, cfg, step, optimizer)
-                        rec.update(
-                            grad_norm=last_gnorm,
-                            images_per_s=window_images / max(dt, 1e-9),
-                            time=now(),
-                            bad_steps=bad_steps,
-                        )
-                        emit(rec)
-                        bar.set_postfix(
-                            loss=f"{w[0]:.2f}",
-                            elbo=f"{w[1]:.2f}",
-                            kl=f"{w[3]:.2f}",
-                            img_s=f"{rec['images_per_s']:.0f}",
-                            refresh=False,
-                        )
-                        window_acc.copy_(epoch_acc)
-                        window_images, window_t0 = 0, time.perf_counter()
-                    if tc.checkpoint_every > 0 and st.step % tc.checkpoint_every == 0:
-                        assert_finite()
-                        checkpoint()
-                    for cb in step_cbs:
-                        cb(st)
-                    reason = signals.reason or st.stop_reason
-                    if reason is not None:
-                        assert_finite()
-                        epoch_time += time.perf_counter() - epoch_t0
-                        train_time += time.perf_counter() - epoch_t0
-                        checkpoint()
-                        raise TrainingInterrupted(st.step, run_dir, reason)
-                    if st.step >= total_steps:
-                        break
-                # -------------------------------------------------------------- epoch end
-                assert_finite()
-                epoch_time += time.perf_counter() - epoch_t0
-                train_time += time.perf_counter() - epoch_t0
-                means = (epoch_acc / max(1, epoch_images)).tolist()
-                train_rec = _record("epoch", "train", st, means, cfg, st.step - 1, optimizer)
-                train_rec.update(
-                    grad_norm=last_gnorm,
-                    time=now(),
-                    bad_steps=bad_steps,
-                    images_per_s=epoch_images / max(epoch_time, 1e-9),
-                )
-                records = [train_rec]
-                if has_valid:
-                    v = validate(model, data.valid, tc.eval_batch_size, device, cfg.seed)
-                    if not math.isfinite(v["elbo"]):
-                        raise TrainingDiverged(st.step, run_dir, "validation ELBO")
-                    valid_rec = {
-                        **train_rec,
-                        "split": "valid",
-                        **v,
-                        "loss": -v["elbo"],
-                        "time": now(),
-                    }
-                    for k in ("grad_norm", "images_per_s", "bad_steps"):
-                        valid_rec.pop(k)
-                    if bpd_scale is not None:
-                        valid_rec["bits_per_dim"] = v["elbo"] * bpd_scale
-                    records.append(valid_rec)
-                score = records[-1]["elbo"]
-                improved = score > best_elbo
-                if improved:
-                    best_elbo, best_epoch, since_best = score, st.epoch + 1, 0
-                    if tc.early_stopping > 0:
-                        best_state = {k: t.detach().clone() for k, t in model.state_dict().items()}
-                else:
-                    since_best += 1
-                if scheduler is not None and tc.schedule == "plateau":
-                    scheduler.step(score)
-                for r in records:
-                    emit(r)
-                history.extend(records)
-                if progress:
-                    tqdm.write(_epoch_line(st, n_epochs, records), file=sys.stderr)
-                for cb in epoch_cbs:
-                    cb(st, records)
-                stopped_early = tc.early_stopping > 0 and since_best >= tc.early_stopping
-                if st.batch >= steps_per_epoch:  # a whole epoch (not cut by max_steps)
-                    st.epoch, st.batch = st.epoch + 1, 0
-                    epoch_acc.zero_()
-                    window_acc.zero_()
-                    epoch_images, epoch_time = 0, 0.0
-                checkpoint(best=improved)
-                reason = signals.reason or st.stop_reason
-                if reason is not None and st.step < total_steps and not stopped_early:
-                    raise TrainingInterrupted(st.step, run_dir, reason)
+        loop.run()
     finally:
-        bar.close()
-        if log is not None:
-            log.close()
-        if tb is not None:
-            tb.close()
-
-    # ------------------------------------------------------------------------------ the end
-    if best_state is not None:
-        model.load_state_dict(best_state)  # early stopping releases the best weights
-    model.eval()
-    summary = _summary(
-        cfg,
-        data,
-        model,
-        device,
-        history,
-        st,
-        now(),
-        train_time,
-        best_elbo,
-        best_epoch,
-        stopped_early,
-        bad_steps,
-        images_seen,
-    )
-    result = FitResult(model=model, run_dir=run_dir, summary=summary, history=history)
-    if run_dir is not None:
-        save_model(model, cfg, run_dir)
-        if tc.figures:
-            summary["figures"] = _optional_step(
-                "vaelab.viz", "save_default_figures", model, data, run_dir / "figures"
-            )
-        runs.write_json(run_dir / runs.SUMMARY_FILE, summary)
-        if tc.report:
-            summary["report"] = _optional_step("vaelab.report", "write_report", run_dir)
-            runs.write_json(run_dir / runs.SUMMARY_FILE, summary)
-    for cb in _callbacks(callbacks, "on_train_end"):
-        cb(st, result)
-    return result
+        loop.close()
+    return loop.finish()
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -751,39 +799,27 @@ def _optional_step(module: str, func: str, *args) -> Any:
     return None if out is None else str(out)
 
 
-def _summary(
-    cfg,
-    data,
-    model,
-    device,
-    history,
-    st,
-    wall,
-    train_time,
-    best_elbo,
-    best_epoch,
-    stopped_early,
-    bad_steps,
-    images_seen,
-) -> dict:
+def _summary(loop: _Loop) -> dict:
+    """``summary.json``: final numbers, timing, hardware, versions, data and likelihood facts."""
+    cfg, data, model, st = loop.cfg, loop.data, loop.model, loop.st
     info = data.info
     last = {}
-    for r in history:
+    for r in loop.history:
         last[r["split"]] = r
     proper = model.likelihood.is_proper(info.value_kind)
     summary = {
         "name": cfg.name,
         "train": last.get("train"),
         "valid": last.get("valid"),
-        "best_valid_elbo": best_elbo if math.isfinite(best_elbo) else None,
-        "best_epoch": best_epoch,
+        "best_valid_elbo": loop.best_elbo if math.isfinite(loop.best_elbo) else None,
+        "best_epoch": loop.best_epoch,
         "epochs": st.epoch + (1 if st.batch else 0),
         "steps": st.step,
-        "stopped_early": stopped_early,
-        "bad_steps": bad_steps,
-        "wall_time_s": wall,
-        "train_time_s": train_time,
-        "images_per_s": images_seen / max(train_time, 1e-9),
+        "stopped_early": loop.stopped_early,
+        "bad_steps": loop.bad_steps,
+        "wall_time_s": loop.now(),
+        "train_time_s": loop.train_time,
+        "images_per_s": loop.images_seen / max(loop.train_time, 1e-9),
         "parameters": count_parameters(model),
         "likelihood": cfg.model.likelihood,
         "likelihood_proper": proper,
@@ -796,7 +832,7 @@ def _summary(
             "valid": len(data.valid),
             "test": len(data.test),
         },
-        "hardware": describe_hardware(device),
+        "hardware": describe_hardware(loop.device),
         "versions": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,
