@@ -305,3 +305,28 @@ def test_quickstart_reaches_its_elbo(tmp_path):
     cfg = override(load_preset("quickstart"), ["train.figures=false", "train.report=false"])
     r = fit(cfg, out_dir=None, progress=False)
     assert r.summary["best_valid_elbo"] > -23.8
+
+
+def test_early_stopping_releases_the_best_weights(digits, tmp_path):
+    r = fit(
+        tiny("train.epochs=4", "train.early_stopping=10"),
+        out_dir=tmp_path,
+        data=digits,
+        progress=False,
+    )
+    best = load_checkpoint(r.run_dir / "checkpoints" / "best.pt")
+    assert best["epoch"] == r.summary["best_epoch"] or best["step"] <= r.summary["steps"]
+    assert_same_params(params(r.model), best["model"], atol=0)
+    assert_same_params(params(load_run(r.run_dir).model), best["model"], atol=0)
+
+
+def test_tensorboard_when_asked(digits, tmp_path):
+    import importlib.util
+
+    cfg = tiny("train.max_steps=5", "train.tensorboard=true")
+    if importlib.util.find_spec("tensorboard") is None:
+        with pytest.warns(UserWarning, match="pip install tensorboard"):
+            fit(cfg, out_dir=tmp_path, data=digits, progress=False)
+    else:
+        r = fit(cfg, out_dir=tmp_path, data=digits, progress=False)
+        assert list((r.run_dir / "tensorboard").iterdir())

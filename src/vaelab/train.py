@@ -621,8 +621,13 @@ class _Loop:
 
     def finish(self) -> FitResult:
         """Release the model (best weights under early stopping), write the run's last files."""
-        if self.best_state is not None:
-            self.model.load_state_dict(self.best_state)
+        if self.cfg.train.early_stopping > 0:  # release the best weights, not the last
+            best = self.best_state
+            if best is None and self.run_dir is not None:  # best epoch was before a resume
+                path = self.run_dir / "checkpoints" / "best.pt"
+                best = runs.load_checkpoint(path)["model"] if path.is_file() else None
+            if best is not None:
+                self.model.load_state_dict(best)
         model, run_dir, tc = self.model.eval(), self.run_dir, self.cfg.train
         summary = _summary(self)
         result = FitResult(model=model, run_dir=run_dir, summary=summary, history=self.history)
@@ -712,9 +717,9 @@ def fit(
 
 
 def _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir) -> FitResult:
-    seed_everything(cfg.seed)
     if data is None:
         data = load_data(cfg, data_dir)
+    seed_everything(cfg.seed)  # after loading, so the model's init never depends on the loader
     loop = _Loop(cfg, data, device, run_dir, callbacks, progress)
     if ckpt is not None:
         loop.load_state_dict(ckpt)
