@@ -177,18 +177,21 @@ def test_resume_equals_uninterrupted(digits, tmp_path, stop):
     )
 
 
-def test_sigint_leaves_a_resumable_checkpoint(digits, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_leaves_a_resumable_checkpoint(digits, tmp_path, sig):
     cfg = tiny()
+    before = signal.getsignal(sig)
     with pytest.raises(TrainingInterrupted) as info:
         fit(
             cfg,
             out_dir=tmp_path,
             data=digits,
             progress=False,
-            callbacks=[StopAt(step=7, signal_=signal.SIGINT)],
+            callbacks=[StopAt(step=7, signal_=sig)],
         )
-    assert info.value.step == 7 and "SIGINT" in str(info.value)
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    assert info.value.step == 7 and info.value.reason == sig.name
+    assert "vaelab train --resume" in str(info.value)
+    assert signal.getsignal(sig) is before  # the handler is restored
     ckpt = load_checkpoint(tmp_path / "quickstart" / "checkpoints" / "last.pt")
     assert (ckpt["step"], ckpt["epoch"], ckpt["batch"]) == (7, 0, 7)
     result = fit(cfg, resume=tmp_path / "quickstart", data=digits, progress=False)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 
 from vaelab.cli._common import DEFAULT_PRESET, add_data_dir, resolve_config, split_spec
@@ -74,7 +75,8 @@ def run(args: argparse.Namespace) -> int:
         )
     except TrainingInterrupted as exc:
         print(f"vaelab: {exc}", file=sys.stderr)
-        return 130
+        sig = getattr(signal.Signals, exc.reason, signal.SIGINT)  # 128 + N, as a shell reports
+        return 128 + int(sig)
     except TrainingDiverged as exc:
         print(f"vaelab: error: {exc}", file=sys.stderr)
         return 1
