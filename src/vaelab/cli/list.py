@@ -1,4 +1,4 @@
-"""``vaelab list presets|architectures|likelihoods|datasets|objectives``: what is registered."""
+"""``vaelab list [presets|architectures|likelihoods|datasets|objectives|metrics|figures]``."""
 
 from __future__ import annotations
 
@@ -13,13 +13,16 @@ REGISTRIES = {
     "likelihoods": ("vaelab.likelihoods", "LIKELIHOODS"),
     "datasets": ("vaelab.data", "DATASETS"),
     "objectives": ("vaelab.objectives", "OBJECTIVES"),
+    "metrics": ("vaelab.metrics", "METRICS"),
+    "figures": ("vaelab.viz", "FIGURES"),
 }
 KINDS = ("presets", *REGISTRIES)
 
 
 def register(subparsers) -> None:
     p = subparsers.add_parser(
-        "list", help="list presets, architectures, likelihoods, datasets or objectives"
+        "list",
+        help="list presets, architectures, likelihoods, datasets, objectives, metrics, figures",
     )
     p.add_argument(
         "kind", nargs="?", choices=KINDS, default=None, help="what to list (default: everything)"
