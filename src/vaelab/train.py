@@ -207,10 +207,11 @@ def validate(model: VAE, imageset, batch_size: int, device: torch.device, seed: 
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     it = BatchIterator(imageset, batch_size, shuffle=False, seed=seed, device=device)
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+    sums = torch.zeros(3, dtype=dtype, device=device)
     for x in it.epoch(0):
         out = elbo(model, x, generator=gen)
-        sums += torch.stack([out.elbo.sum(), -out.log_px_z.sum(), out.kl.sum()]).double()
+        sums += torch.stack([out.elbo.sum(), -out.log_px_z.sum(), out.kl.sum()]).to(dtype)
     model.train(was_training)
     n = max(1, len(imageset))
     e, r, k = (sums / n).tolist()
