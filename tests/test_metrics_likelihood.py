@@ -10,13 +10,8 @@ from torch import nn
 
 from vaelab.config import ModelConfig
 from vaelab.likelihoods import build_likelihood
-from vaelab.metrics import likelihood as lik
-from vaelab.metrics.likelihood import (
-    bernoulli_log_prob,
-    bits_per_dim,
-    elbo_stats,
-    importance_sampled_log_likelihood,
-)
+from vaelab.metrics.fused import LogLikelihoodRunner, bernoulli_log_prob
+from vaelab.metrics.likelihood import bits_per_dim, elbo_stats, importance_sampled_log_likelihood
 from vaelab.model import VAE, build_model
 
 
@@ -50,29 +45,45 @@ def test_fused_bernoulli_matches_bce_with_logits(d):
     assert torch.allclose(got64, ref64, rtol=1e-10, atol=1e-9)
 
 
-def test_fused_and_generic_paths_agree(monkeypatch):
+@pytest.mark.parametrize("act", ["relu", "elu", "gelu", "tanh"])
+def test_fused_and_generic_paths_agree(act):
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mlp", hidden=(16, 8), latent_dim=3, activation=act)
+    model, x = build_model(cfg, (1, 6, 6)).eval(), _binary()
+    assert LogLikelihoodRunner(model, torch.float32).path == "mlp-fused"
+    est = {
+        f: importance_sampled_log_likelihood(model, [x], k=64, seed=0, rows=50, fused=f).log_px
+        for f in ("auto", "bernoulli", "none")
+    }
+    assert torch.allclose(est["auto"], est["none"], atol=1e-4)
+    assert torch.allclose(est["bernoulli"], est["none"], atol=1e-4)
+
+
+def test_workers_do_not_change_the_estimate():
     model, x = _mlp(), _binary()
-    fast = importance_sampled_log_likelihood(
-        model, [x], k=64, generator=torch.Generator().manual_seed(0)
-    )
-    monkeypatch.setattr(lik, "_fast_bernoulli", lambda m, d: False)
-    slow = importance_sampled_log_likelihood(
-        model, [x], k=64, generator=torch.Generator().manual_seed(0)
-    )
-    assert torch.allclose(fast.log_px, slow.log_px, atol=1e-4)
+    one = importance_sampled_log_likelihood(model, [x[:5], x[5:]], k=100, seed=3, rows=100)
+    two = importance_sampled_log_likelihood(model, [x], k=100, seed=3, rows=100, workers=2)
+    assert torch.equal(one.log_px, two.log_px)
+    assert torch.get_num_threads() >= 1
+
+
+def test_conv_decoder_uses_the_bernoulli_path():
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="conv", latent_dim=3, hidden=(4, 4, 4)), (1, 8, 8)).eval()
+    assert LogLikelihoodRunner(model, torch.float32).path == "bernoulli-fused"
+    x = torch.bernoulli(torch.full((3, 1, 8, 8), 0.4))
+    a = importance_sampled_log_likelihood(model, [x], k=30, seed=0, fused="auto").log_px
+    b = importance_sampled_log_likelihood(model, [x], k=30, seed=0, fused="none").log_px
+    assert torch.allclose(a, b, atol=1e-4)
 
 
 def test_is_bounds_and_k1_identity():
     model, x = _mlp(), _binary()
-    res = importance_sampled_log_likelihood(
-        model, [x], k=200, generator=torch.Generator().manual_seed(0)
-    )
+    res = importance_sampled_log_likelihood(model, [x], k=200, seed=0)
     # log mean w >= mean log w for every image (Jensen), and ESS lies in [1, k].
     assert torch.all(res.log_px >= res.mean_log_w - 1e-9)
     assert torch.all((res.ess >= 1 - 1e-6) & (res.ess <= 200 + 1e-6))
-    one = importance_sampled_log_likelihood(
-        model, [x], k=1, generator=torch.Generator().manual_seed(0)
-    )
+    one = importance_sampled_log_likelihood(model, [x], k=1, seed=0)
     assert torch.allclose(one.log_px, one.mean_log_w)
     # The IS estimate is above the ELBO (on average over images; Monte Carlo noise per image).
     e = elbo_stats(model, [x], generator=torch.Generator().manual_seed(1))
@@ -82,12 +93,8 @@ def test_is_bounds_and_k1_identity():
 def test_chunking_bounds_memory_and_keeps_the_estimate():
     """Tiny chunks (3 decoder rows) give the same estimate up to Monte Carlo noise."""
     model, x = _mlp(), _binary(n=4)
-    big = importance_sampled_log_likelihood(
-        model, [x], k=3000, generator=torch.Generator().manual_seed(0)
-    )
-    small = importance_sampled_log_likelihood(
-        model, [x], k=3000, generator=torch.Generator().manual_seed(1), rows=3
-    )
+    big = importance_sampled_log_likelihood(model, [x], k=3000, seed=0)
+    small = importance_sampled_log_likelihood(model, [x], k=3000, seed=1, rows=3)
     assert (big.log_px - small.log_px).abs().max() < 0.1
 
 
@@ -138,17 +145,13 @@ def _ppca(d=10, q=3, s=0.5, inflate=1.0, seed=0):
 def test_ppca_exact_posterior_gives_exact_log_px_for_any_k():
     """With q(z|x) = p(z|x) every importance weight equals p(x): the estimate is exact."""
     model, x, exact = _ppca()
-    res = importance_sampled_log_likelihood(
-        model, [x], k=7, generator=torch.Generator().manual_seed(0), rows=5
-    )
+    res = importance_sampled_log_likelihood(model, [x], k=7, seed=0, rows=5)
     assert torch.allclose(res.log_px, exact, atol=1e-8)
 
 
 def test_ppca_is_approaches_exact_log_px_and_stays_above_elbo():
     model, x, exact = _ppca(inflate=3.0)  # a wrong (too wide) posterior: a real ELBO gap
-    res = importance_sampled_log_likelihood(
-        model, [x], k=5000, generator=torch.Generator().manual_seed(0)
-    )
+    res = importance_sampled_log_likelihood(model, [x], k=5000, seed=0)
     e = elbo_stats(model, [x], generator=torch.Generator().manual_seed(1))
     gap = (exact - res.log_px).abs()
     assert gap.max() < 0.5 and gap.mean() < 0.05

@@ -117,6 +117,7 @@ class EvalContext:
     max_images: int | None = None
     progress: bool = False
     probe_train_images: int | None = None
+    workers: int | None = None  # importance-sampling threads (None: automatic)
     requested: bool = False  # True when the metric was named explicitly (errors then raise)
 
     @property

@@ -153,8 +153,7 @@ def _prior_samples(model, n: int, batch: int, generator: torch.Generator):
 
 @METRICS.register("fd")
 def frechet_metric(ctx: EvalContext) -> list:
-    """Frechet distance of features (FD-LeNet offline; FID with Inception weights): data vs
-    reconstructions and data vs prior samples."""
+    """Frechet distance of features, data vs reconstructions and vs prior samples (FD-LeNet, or FID)."""
     from vaelab.metrics.features import resolve_feature_net
 
     net = resolve_feature_net(

@@ -9,28 +9,30 @@ Units: nats per image (summed over pixels), and bits/dim = -(nats) / (D ln 2) wi
 (Burda et al. 2015, eq. 8 evaluated with large k). It encodes each image once, draws the k
 samples in chunks of at most ``rows`` decoder rows (images x samples), and folds every chunk into
 a running logsumexp, so memory is bounded by ``rows`` whatever k is. For a Bernoulli decoder the
-per-pixel work is fused (see :func:`bernoulli_log_prob`): the decoder's matrix products are then
-most of the cost.
+per-pixel work is fused and an MLP decoder reuses its buffers (:mod:`vaelab.metrics.fused`): the
+decoder's matrix products are then most of the cost.
 """
 
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
+from vaelab.data.batches import derive_seed
 from vaelab.metrics.base import METRICS, EvalContext, mean_and_stderr
+from vaelab.metrics.fused import LogLikelihoodRunner
 
 LN2 = math.log(2.0)
 # Decoder rows (images x samples) per chunk: big enough for efficient matrix products, small
 # enough that a (rows, D) block of logits stays in cache for the per-pixel passes.
 DEFAULT_ROWS = 2048
-# Products of this many factors in [1/2, 1) stay above float32's smallest normal (2^-126).
-_GROUP = 112
 
 
 def bits_per_dim(nats: float, num_dims: int) -> float:
@@ -114,52 +116,11 @@ class ISResult:
         return mean_and_stderr(self.log_px)[1]
 
 
-def bernoulli_log_prob(logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """log p(x|z) = sum_d [x_d l_d - softplus(l_d)] for logits (B, n, D) and images x (B, D).
-
-    Returns (B, n) nats. Fused for speed, using softplus(l) = (l + |l|)/2 - log sigmoid(|l|):
-
-        log p(x|z) = (x - 1/2) . l  -  (1/2) sum_d |l_d|  +  sum_d log sigmoid(|l_d|)
-
-    The dot product is one batched matrix-vector product, and the last sum takes the log of
-    products of 112 factors in [1/2, 1) (no underflow in float32), so the per-pixel work is
-    |.|, a sum and a sigmoid instead of exp and log per pixel. ``logits`` is overwritten.
-    """
-    if logits.dim() != 3 or x.dim() != 2 or logits.shape[0] != x.shape[0]:
-        raise ValueError(
-            f"expected logits (B, n, D) and x (B, D), got {tuple(logits.shape)} and {tuple(x.shape)}"
-        )
-    xl = torch.bmm(logits, (x - 0.5).unsqueeze(-1)).squeeze(-1)  # (B, n)
-    a = logits.abs_()
-    abs_sum = a.sum(-1)
-    torch.sigmoid(a, out=a)
-    return xl - 0.5 * abs_sum + _sum_log_groups(a)
-
-
-def _sum_log_groups(a: torch.Tensor) -> torch.Tensor:
-    """sum_d log a_d over the last dim for a_d in [1/2, 1], as logs of products of 112 factors."""
-    d = a.shape[-1]
-    full = d // _GROUP * _GROUP
-    out = a[..., :full].unflatten(-1, (full // _GROUP, _GROUP)).prod(-1).log_().sum(-1)
-    if full < d:
-        out = out + a[..., full:].prod(-1).log_()
-    return out
-
-
-def _fast_bernoulli(model: nn.Module, dtype: torch.dtype) -> bool:
-    from vaelab.likelihoods import Bernoulli
-
-    return type(model.likelihood) is Bernoulli and dtype in (torch.float32, torch.float64)
-
-
-def _log_px_z(model: nn.Module, z: torch.Tensor, x: torch.Tensor, fast: bool) -> torch.Tensor:
-    """log p(x|z) for latents z (B, n, Z) and images x (B, C, H, W): (B, n) nats."""
-    b, n, zdim = z.shape
-    raw = model.decoder(z.reshape(b * n, zdim))
-    if fast:
-        return bernoulli_log_prob(raw.reshape(b, n, -1), x.reshape(b, -1))
-    x_rep = x.unsqueeze(1).expand(b, n, *x.shape[1:]).reshape(b * n, *x.shape[1:])
-    return model.likelihood(raw).log_prob(x_rep).view(b, n)
+def default_workers(model: nn.Module) -> int:
+    """Worker threads for importance sampling: torch's thread count on the CPU, else 1."""
+    tensors = [*model.parameters(), *model.buffers()]
+    on_cpu = not tensors or tensors[0].device.type == "cpu"
+    return torch.get_num_threads() if on_cpu else 1
 
 
 @torch.inference_mode()
@@ -168,8 +129,10 @@ def importance_sampled_log_likelihood(
     batches: Iterable[torch.Tensor],
     *,
     k: int = 1000,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     rows: int = DEFAULT_ROWS,
+    workers: int | None = None,
+    fused: str = "auto",
     progress: bool = False,
     total: int | None = None,
 ) -> ISResult:
@@ -179,9 +142,18 @@ def importance_sampled_log_likelihood(
         model: a :class:`vaelab.model.VAE` (put in eval mode by the caller).
         batches: float images (B, C, H, W) in [0, 1], on the model's device.
         k: importance samples per image (1000 is the usual; 5000 for paper tables).
-        generator: for the draws z = mu + sigma * eps.
+        seed: the draws z = mu + sigma * eps of each chunk of images come from a generator
+            seeded by (seed, chunk index), so results do not depend on ``workers``.
         rows: decoder rows (images x samples) per chunk; bounds memory at about
             ``rows * D`` floats whatever k is.
+        workers: threads that each take whole chunks, running single-threaded torch ops,
+            instead of splitting every op across threads (one matrix product per core runs
+            closer to peak than one product split across cores, and a core taken by another
+            process slows only its own chunk). ``None``: ``torch.get_num_threads()`` on the
+            CPU, 1 on accelerators; 1 keeps torch's own threading.
+        fused: ``"auto"``, ``"bernoulli"`` or ``"none"``: see :class:`LogLikelihoodRunner`
+            (all give the same numbers up to rounding; ``"none"`` is the plain
+            ``model.decode(z).log_prob(x)``).
         progress: show a tqdm bar over images (``total`` images expected).
 
     Returns:
@@ -189,35 +161,59 @@ def importance_sampled_log_likelihood(
     """
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
-    if rows < 1:
-        raise ValueError(f"rows must be >= 1, got {rows}")
+    if workers is None:
+        workers = default_workers(model)
+    if rows < 1 or workers < 1:
+        raise ValueError(f"rows and workers must be >= 1, got {rows} and {workers}")
     from tqdm import tqdm
 
     start = time.perf_counter()
-    out_lp, out_mean, out_ess = [], [], []
-    with tqdm(total=total, unit="img", desc=f"log p(x), k={k}", disable=not progress) as bar:
-        for batch in batches:
-            q_z = model.encode(batch)
-            std = torch.exp(0.5 * q_z.logvar)
-            fast = _fast_bernoulli(model, q_z.mu.dtype)
-            per_chunk = max(1, rows // k)  # images per chunk
-            for i in range(0, batch.shape[0], per_chunk):
-                sl = slice(i, i + per_chunk)
-                lp, mlw, ess = _is_chunk(
-                    model, batch[sl], q_z.mu[sl], std[sl], q_z.logvar[sl], k, rows, generator, fast
-                )
-                out_lp.append(lp)
-                out_mean.append(mlw)
-                out_ess.append(ess)
-                bar.update(lp.shape[0])
-    if not out_lp:
+    per_chunk = max(1, rows // k)  # images per chunk
+    local = threading.local()
+
+    def get_runner(dtype):
+        runner = getattr(local, "runner", None)
+        if runner is None:
+            if workers > 1:
+                torch.set_num_threads(1)
+            runner = local.runner = LogLikelihoodRunner(model, dtype, fused)
+        return runner
+
+    def run(job):
+        x, mu, std, logvar, aux, index = job
+        g = torch.Generator(device=mu.device).manual_seed(derive_seed(seed, index))
+        with torch.inference_mode():  # thread-local: worker threads need their own
+            return _is_chunk(get_runner(mu.dtype), x, mu, std, logvar, aux, k, rows, g)
+
+    results, n_chunks = [], 0
+    threads = torch.get_num_threads()
+    pool = ThreadPoolExecutor(workers) if workers > 1 else None
+    try:
+        with tqdm(total=total, unit="img", desc=f"log p(x), k={k}", disable=not progress) as bar:
+            for batch in batches:
+                q_z = model.encode(batch)
+                std = torch.exp(0.5 * q_z.logvar)
+                aux = LogLikelihoodRunner(model, q_z.mu.dtype, fused).prepare(batch)
+                jobs = []
+                for i in range(0, batch.shape[0], per_chunk):
+                    sl = slice(i, i + per_chunk)
+                    a = None if aux is None else aux[sl]
+                    jobs.append((batch[sl], q_z.mu[sl], std[sl], q_z.logvar[sl], a, n_chunks))
+                    n_chunks += 1
+                for res in pool.map(run, jobs) if pool else map(run, jobs):
+                    results.append(res)
+                    bar.update(res[0].shape[0])
+    finally:
+        if pool is not None:
+            pool.shutdown()
+            torch.set_num_threads(threads)
+    if not results:
         raise ValueError("importance_sampled_log_likelihood got no images")
-    return ISResult(
-        torch.cat(out_lp), torch.cat(out_mean), torch.cat(out_ess), k, time.perf_counter() - start
-    )
+    lp, mlw, ess = (torch.cat(t) for t in zip(*results))
+    return ISResult(lp, mlw, ess, k, time.perf_counter() - start)
 
 
-def _is_chunk(model, x, mu, std, logvar, k, rows, generator, fast):
+def _is_chunk(runner, x, mu, std, logvar, aux, k, rows, generator):
     """k importance samples for a few images; returns (log_px, mean_log_w, ess), each (b,)."""
     b, zdim = mu.shape
     n_per = max(1, min(k, rows // b))  # samples per sub-chunk
@@ -230,8 +226,9 @@ def _is_chunk(model, x, mu, std, logvar, k, rows, generator, fast):
     for start in range(0, k, n_per):
         n = min(n_per, k - start)
         eps = torch.randn(b, n, zdim, generator=generator, device=mu.device, dtype=mu.dtype)
-        z = torch.addcmul(mu.unsqueeze(1), std.unsqueeze(1), eps)  # (b, n, Z)
-        log_w = _log_px_z(model, z, x, fast)
+        z = runner.latents(b, n, zdim, mu)
+        torch.addcmul(mu.unsqueeze(1), std.unsqueeze(1), eps, out=z)  # (b, n, Z)
+        log_w = runner(z, x, aux)
         log_w += 0.5 * (eps.square().sum(-1) - z.square().sum(-1)) + half_logdet
         lw = log_w.double()
         new_m = torch.maximum(m, lw.max(1).values)
@@ -248,10 +245,6 @@ def _is_chunk(model, x, mu, std, logvar, k, rows, generator, fast):
 # ------------------------------------------------------------------------- registered
 
 
-def _kind_note(ctx: EvalContext) -> tuple[str, ...]:
-    return ctx.likelihood_notes()
-
-
 @METRICS.register("elbo")
 def elbo_metric(ctx: EvalContext) -> list:
     """ELBO (beta = 1, one sampled z) in nats/image and bits/dim, its terms and KL per dimension."""
@@ -259,7 +252,7 @@ def elbo_metric(ctx: EvalContext) -> list:
         ctx.model, ctx.batches(), generator=ctx.generator("elbo"), batch_size=ctx.batch_size
     )
     d = ctx.info.num_pixels
-    notes = _kind_note(ctx)
+    notes = ctx.likelihood_notes()
     est = (
         "single-sample ELBO: log p(x|z) - KL(q(z|x) || p(z)), one z ~ q(z|x), analytic KL, beta = 1"
     )
@@ -304,12 +297,13 @@ def loglik_metric(ctx: EvalContext) -> list:
         ctx.model,
         ctx.batches(),
         k=ctx.k,
-        generator=ctx.generator("loglik"),
+        seed=derive_seed(ctx.seed, 1),
+        workers=ctx.workers,
         progress=ctx.progress,
         total=ctx.n_images,
     )
     d = ctx.info.num_pixels
-    notes = _kind_note(ctx)
+    notes = ctx.likelihood_notes()
     mean, se = res.mean, res.stderr
     est = (
         f"importance sampling, log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x), k = {res.k} "
