@@ -9,6 +9,10 @@ of Handwritten Digits" data (Alpaydin & Kaynak 1998) count ink in 4x4 blocks: 17
 
 from __future__ import annotations
 
+import gzip
+import importlib.util
+from pathlib import Path
+
 import numpy as np
 import torch
 
@@ -32,14 +36,36 @@ DIGITS_INFO = DataInfo(
 )
 
 
-def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
-    """All 1,797 digits: images uint8 (1797, 8, 8) in 0..255 and labels int64 (1797,)."""
-    from sklearn.datasets import load_digits  # imported here: scikit-learn is slow to import
+def _digits_csv() -> Path | None:
+    """scikit-learn's bundled ``digits.csv.gz``, found without importing scikit-learn."""
+    spec = importlib.util.find_spec("sklearn")
+    for root in (spec.submodule_search_locations or []) if spec else []:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            return path
+    return None
 
-    bunch = load_digits()
-    levels = bunch.images  # float64, integer values 0..16
+
+def digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """All 1,797 digits: images uint8 (1797, 8, 8) in 0..255 and labels int64 (1797,).
+
+    Reads scikit-learn's bundled CSV directly (importing scikit-learn costs seconds); the
+    result equals ``sklearn.datasets.load_digits()``, which is the fallback.
+    """
+    path = _digits_csv()
+    if path is not None:
+        with gzip.open(path, "rb") as fh:
+            table = np.loadtxt(fh, delimiter=",", dtype=np.float64)
+        if table.shape != (1797, 65):
+            raise ValueError(f"{path}: expected 1797 rows of 64 pixels + label, got {table.shape}")
+        levels, target = table[:, :64].reshape(-1, 8, 8), table[:, 64]
+    else:  # pragma: no cover - layout of scikit-learn changed
+        from sklearn.datasets import load_digits
+
+        bunch = load_digits()
+        levels, target = bunch.images, bunch.target
     images = np.rint(levels * 255.0 / 16.0).astype(np.uint8)
-    return images, bunch.target.astype(np.int64)
+    return images, target.astype(np.int64)
 
 
 @DATASETS.register("digits")
