@@ -37,13 +37,20 @@ def test_every_preset_is_in_the_table():
     assert table == set(preset_names())
 
 
-def test_python_example_runs(tmp_path, monkeypatch, capsys):
-    (block,) = code_blocks("python")
+def test_python_examples_run(tmp_path, monkeypatch, capsys):
+    blocks = code_blocks("python")
+    assert len(blocks) >= 2
     monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
+    for block in blocks:
+        exec(compile(block, "README.md", "exec"), {})
     out = capsys.readouterr().out
     assert "runs/quickstart" in out and "torch.Size([8, 1, 8, 8])" in out
     assert (tmp_path / "runs" / "quickstart" / "model.safetensors").is_file()
+    # The core example: Zhao et al.'s parameter count, per-example shapes, exact reload.
+    assert "parameters: 404244" in out
+    assert "torch.Size([]) torch.Size([16]) torch.Size([16]) torch.Size([16])" in out
+    assert out.rstrip().endswith("True") or "\nTrue\n" in out
+    assert (tmp_path / "my-vae" / "model.safetensors").is_file()
 
 
 @pytest.mark.parametrize("command", ["train", "list", "info", "data"])
