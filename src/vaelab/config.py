@@ -63,6 +63,7 @@ class DataConfig:
     data_dir: str | None = None
     valid_size: int | None = None
     subset_train: int | None = None
+    subset_valid: int | None = None
     subset_test: int | None = None
     subset_mode: str = "first"
     binarize: str | None = None
