@@ -144,14 +144,21 @@ def _task(data) -> tuple[str, int]:
 
 
 def data_fingerprint(data) -> str:
-    """sha256 (hex) of the train split's stored images and labels: names the cached LeNet, so
-    another subset or dataset never reuses it."""
+    """sha256 (hex) of the train split's stored images (or, for a streamed folder, its file
+    names and sizes) and labels: names the cached LeNet, so another subset or dataset never
+    reuses it."""
     h = hashlib.sha256()
     h.update(data.info.name.encode())
-    h.update(str(tuple(data.train.images.shape)).encode())
-    h.update(data.train.images.contiguous().numpy().tobytes())
-    if data.train.labels is not None:
-        h.update(data.train.labels.contiguous().numpy().tobytes())
+    train = data.train
+    images = getattr(train, "images", None)
+    if images is not None:
+        h.update(str(tuple(images.shape)).encode())
+        h.update(images.contiguous().numpy().tobytes())
+    else:  # StreamingImageSet: images stay on disk
+        for f in train.files:
+            h.update(f"{f}:{os.path.getsize(f)}".encode())
+    if train.labels is not None:
+        h.update(train.labels.contiguous().numpy().tobytes())
     return h.hexdigest()
 
 
