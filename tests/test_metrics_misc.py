@@ -10,7 +10,13 @@ from vaelab.likelihoods import build_likelihood
 from vaelab.metrics.active_units import active_units, active_units_from_means
 from vaelab.metrics.params import parameter_counts
 from vaelab.metrics.probe import linear_probe
-from vaelab.metrics.reconstruction import mse_per_image, psnr_from_mse, ssim, ssim_settings
+from vaelab.metrics.reconstruction import (
+    mse_per_image,
+    psnr_from_mse,
+    ssim,
+    ssim_settings,
+    ssim_torch,
+)
 from vaelab.model import VAE, build_model
 
 skimage_metrics = pytest.importorskip("skimage.metrics")
@@ -42,6 +48,20 @@ def test_ssim_is_scikit_image_with_wang_settings():
     assert 0 < got[1] < 1
     kw, desc = ssim_settings(8, 8)
     assert kw["win_size"] == 7 and "uniform" in desc
+
+
+@pytest.mark.parametrize(
+    "shape", [(1, 28, 28), (3, 32, 32), (1, 8, 8), (3, 11, 13), (1, 5, 6)], ids=str
+)
+def test_ssim_torch_is_the_scikit_image_ssim(shape):
+    """Both window kinds (Gaussian from 11x11, uniform below) and odd sizes, to 1e-12."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(6, *shape, generator=g)
+    y = (x + 0.2 * torch.randn(6, *shape, generator=g)).clamp(0, 1)
+    got = ssim_torch(x, y)
+    assert got.dtype == torch.float64 and got.shape == (6,)
+    torch.testing.assert_close(got, ssim(x, y), atol=1e-12, rtol=0)
+    assert torch.allclose(ssim_torch(x, x), torch.ones(6, dtype=torch.float64))
 
 
 def test_mse_and_psnr():
