@@ -358,3 +358,60 @@ def test_compiled_model_trains_and_saves(digits, tmp_path):
         progress=False,
     )
     assert_same_params(params(load_run(r.run_dir).model), params(r.model), atol=0)
+
+
+def test_step_record_across_an_epoch_boundary_means_its_own_steps(digits, tmp_path):
+    """The record at step 25 (log_every=5) spans steps 21-22 of epoch 1 (64 and 53 images) and
+    23-25 of epoch 2: each of its means is the image-weighted mean of those five steps, as the
+    log_every=1 records give them (it once divided epoch 2's sums by all five steps' images)."""
+
+    def step_records(log_every):
+        cfg = tiny("train.max_steps=30", f"train.log_every={log_every}")
+        r = fit(cfg, out_dir=tmp_path / str(log_every), data=digits, progress=False)
+        return {
+            s["step"]: s for s in read_metrics(r.run_dir / "metrics.jsonl") if s["kind"] == "step"
+        }
+
+    one, five = step_records(1), step_records(5)
+    images = {21: 64, 22: 53, 23: 64, 24: 64, 25: 64}
+    for key in ("loss", "elbo", "rec", "kl"):
+        want = sum(one[s][key] * n for s, n in images.items()) / sum(images.values())
+        assert five[25][key] == pytest.approx(want, rel=1e-9), key
+    assert five[25]["images_per_s"] > 0
+
+
+def test_valid_records_carry_the_ssim_of_the_reconstructions(digits, tmp_path):
+    """``ssim`` on valid epoch records: the SSIM (scikit-image's) of the reconstructions of the
+    validation images (all 200 here; up to 256), binarized as validate() binarizes them."""
+    pytest.importorskip("skimage")
+    from vaelab.data import BatchIterator
+    from vaelab.metrics.reconstruction import ssim as skimage_ssim
+
+    result = fit(tiny(), out_dir=tmp_path, data=digits, progress=False)
+    valid = [r for r in read_metrics(result.run_dir / "metrics.jsonl") if r["split"] == "valid"]
+    assert len(valid) == 2 and all(0 < r["ssim"] <= 1 for r in valid)
+    x = next(BatchIterator(digits.valid, 1000, shuffle=False, seed=0).epoch(0))
+    want = skimage_ssim(x, result.model.reconstruct(x).clamp(0, 1)).mean().item()
+    assert valid[-1]["ssim"] == pytest.approx(want, rel=1e-9)
+    assert result.summary["valid"]["ssim"] == valid[-1]["ssim"]
+
+
+def test_report_gets_the_loaded_data(digits, tmp_path, monkeypatch):
+    """finish() hands the report the data it trained on instead of loading it again."""
+    import vaelab.report
+
+    seen = {}
+
+    def fake_write_report(run_dir, *, data=None):
+        seen["data"] = data
+        return run_dir / "report.html"
+
+    monkeypatch.setattr(vaelab.report, "write_report", fake_write_report)
+    result = fit(
+        tiny("train.report=true", "train.max_steps=2"),
+        out_dir=tmp_path,
+        data=digits,
+        progress=False,
+    )
+    assert seen["data"] is digits
+    assert result.summary["report"].endswith("report.html")

@@ -18,9 +18,13 @@ Records in ``metrics.jsonl`` (one JSON object per line)::
 ``elbo`` is the true (beta = 1) ELBO in nats per image, ``rec`` = -E[log p(x|z)] and ``kl`` the
 KL term, both nats per image; step records average the steps since the previous record, train
 epoch records the whole epoch. Valid epoch records hold the validation set's true ELBO (one z
-per image, model in eval mode) and ``bits_per_dim`` = -elbo / (D ln 2) where the likelihood is
-a proper mass function for the data (binary or 8-bit). ``step`` counts optimizer steps done,
-``epoch`` is 1-based, ``time`` is seconds since the run started (across resumes).
+per image, model in eval mode), ``bits_per_dim`` = -elbo / (D ln 2) where the likelihood is
+a proper mass function for the data (binary or 8-bit), and ``ssim``, the mean SSIM of the
+reconstructions (decoder mean at E_q[z|x]) of the first 256 validation images.
+``step`` counts optimizer steps done, ``epoch`` is 1-based, ``time`` is seconds since the run
+started (across resumes).
+
+Under torchrun (``WORLD_SIZE`` > 1) the run is data-parallel: see :mod:`vaelab.distributed`.
 
 Faults: SIGINT/SIGTERM save ``checkpoints/last.pt`` and raise :class:`TrainingInterrupted`; a
 non-finite loss (or gradient norm, when computed) raises :class:`TrainingDiverged` naming the
@@ -194,40 +198,71 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+SSIM_IMAGES = 256  # validate() scores the reconstructions of this many validation images
+
+
 @torch.inference_mode()
-def validate(model: VAE, imageset, batch_size: int, device: torch.device, seed: int) -> dict:
-    """The true ELBO of ``imageset`` (beta = 1, one z per image, eval mode), nats per image.
+def validate(
+    model: VAE, imageset, batch_size: int, device: torch.device, seed: int, dist=None
+) -> dict:
+    """The true ELBO of ``imageset`` (beta = 1, one z per image, eval mode), nats per image,
+    and ``ssim``: the mean SSIM of the reconstructions (decoder mean at E_q[z|x]) of its first
+    ``SSIM_IMAGES`` images (:func:`vaelab.metrics.reconstruction.ssim_torch`: scikit-image's
+    numbers, in a few milliseconds).
 
     The binarization draws and z noise come from ``seed`` alone, so every epoch scores the
-    same validation images and the training RNG streams are untouched.
+    same validation images and the training RNG streams are untouched. With ``dist`` (a
+    :class:`vaelab.distributed.Distributed`) each process scores its slice of every batch,
+    with its slice of the same noise, and the sums are all-reduced.
     """
     from vaelab.data import BatchIterator
+    from vaelab.metrics.reconstruction import ssim_torch
 
     was_training = model.training
     model.eval()
     gen = torch.Generator(device=device).manual_seed(seed)
     it = BatchIterator(imageset, batch_size, shuffle=False, seed=seed, device=device)
     dtype = torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
-    sums = torch.zeros(3, dtype=dtype, device=device)
-    for x in it.epoch(0):
-        out = elbo(model, x, generator=gen)
-        sums += torch.stack([out.elbo.sum(), -out.log_px_z.sum(), out.kl.sum()]).to(dtype)
+    sums = torch.zeros(5, dtype=dtype, device=device)  # elbo, rec, kl, ssim sum, ssim count
+    for b, x in enumerate(it.epoch(0)):
+        start, eps = b * batch_size, None  # start: index of x[0] in the split
+        if dist is not None:
+            x, eps, lo = dist.shard_eval(x, gen, model.latent_dim)
+            start += lo
+            if x.shape[0] == 0:
+                continue
+        out = elbo(model, x, generator=gen, eps=eps)
+        sums[:3] += torch.stack([out.elbo.sum(), -out.log_px_z.sum(), out.kl.sum()]).to(dtype)
+        m = min(x.shape[0], SSIM_IMAGES - start)
+        if m > 0:
+            r = model.reconstruct(x[:m]).clamp(0.0, 1.0)
+            sums[3] += float(ssim_torch(x[:m], r).sum())
+            sums[4] += m
+    if dist is not None:
+        dist.all_reduce_(sums)
     model.train(was_training)
     n = max(1, len(imageset))
-    e, r, k = (sums / n).tolist()
-    return {"elbo": e, "rec": r, "kl": k}
+    e, rec, kl, ssim_sum, n_ssim = sums.tolist()
+    result = {"elbo": e / n, "rec": rec / n, "kl": kl / n}
+    if n_ssim > 0:
+        result["ssim"] = ssim_sum / n_ssim
+    return result
 
 
 class _StopSignals:
-    """Turn SIGINT/SIGTERM into a flag checked after each step; a second signal aborts."""
+    """Turn SIGINT/SIGTERM into a flag checked after each step; a second signal aborts, unless
+    ``abort_on_second`` is False (under torchrun, whose agent forwards the user's signal again)."""
 
-    def __init__(self) -> None:
+    def __init__(self, abort_on_second: bool = True) -> None:
         self.reason: str | None = None
+        self.abort_on_second = abort_on_second
         self._old: dict[int, Any] = {}
 
     def _handle(self, signum, frame) -> None:
         if self.reason is not None:  # second signal: stop now, without saving
-            raise KeyboardInterrupt
+            if self.abort_on_second:
+                raise KeyboardInterrupt
+            return
         self.reason = signal.Signals(signum).name
 
     def __enter__(self) -> _StopSignals:
@@ -281,12 +316,15 @@ class _Loop:
         run_dir: Path | None,
         callbacks: Iterable[Any],
         progress: bool,
+        dist=None,
     ) -> None:
         from vaelab.data import BatchIterator
 
         tc = cfg.train
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
-        self.progress = progress
+        self.dist = dist  # a vaelab.distributed.Distributed under torchrun, else None
+        self.writes = dist is None or dist.is_main  # only rank 0 writes files
+        self.progress = progress and self.writes
         self.t_start = time.perf_counter()
         self.model = build_model(cfg.model, data.info.shape).to(device)
         self.optimizer = make_optimizer(self.model, cfg, device)
@@ -337,6 +375,9 @@ class _Loop:
             hook: _callbacks(callbacks, hook)
             for hook in ("on_train_begin", "on_step_end", "on_epoch_end", "on_train_end")
         }
+        if dist is not None:
+            dist.check_batches(len(data.train), tc.batch_size)
+            dist.wrap(self.model, cfg.objective, total)
 
     # ---------------------------------------------------------------------- state and files
 
@@ -365,7 +406,7 @@ class _Loop:
             "rng": runs.capture_rng_state(self.noise),
             "data_seed": self.cfg.seed,  # the data order is a function of (seed, epoch, batch)
             **{k: getattr(self, k) for k in self._COUNTERS},
-            "epoch_acc": self.epoch_acc.cpu(),
+            "epoch_acc": self._sums()[0].cpu(),
             "elapsed": self.now(),
             "metrics_offset": None if self.log is None else self.log.offset,
             "config": to_dict(self.cfg),
@@ -381,11 +422,13 @@ class _Loop:
         for k in self._COUNTERS:
             setattr(self, k, ckpt[k])
         self.epoch_acc.copy_(ckpt["epoch_acc"].to(self.acc_dtype))
+        if not self.writes:  # the sums are global: rank 0 holds them, the others add theirs
+            self.epoch_acc.zero_()
         self.window_acc.copy_(self.epoch_acc)
         self.elapsed0 = ckpt["elapsed"]
 
     def open_files(self, metrics_offset: int | None) -> None:
-        if self.run_dir is None:
+        if self.run_dir is None or not self.writes:
             return
         runs.write_config(self.run_dir, self.cfg, self.data.info.shape)
         self.log = runs.MetricsLog(self.run_dir / runs.METRICS_FILE, metrics_offset)
@@ -415,6 +458,8 @@ class _Loop:
             return
         self.assert_finite()  # never checkpoint a diverged model
         payload = self.state_dict()
+        if not self.writes:
+            return
         folder = self.run_dir / "checkpoints"
         runs.save_checkpoint(folder / "last.pt", payload)
         if best:
@@ -422,10 +467,22 @@ class _Loop:
 
     def assert_finite(self) -> None:
         """Raise if any step since the last check had a non-finite loss (one device sync)."""
-        bad = int(self.first_bad)
+        bad, grad = int(self.first_bad), bool(self.grad_was_bad)
+        if self.dist is not None:
+            bad, grad = self.dist.first_bad(bad, grad)
         if bad >= 0:
-            what = "gradient norm" if bool(self.grad_was_bad) else "loss"
-            raise TrainingDiverged(bad, self.run_dir, what)
+            raise TrainingDiverged(bad, self.run_dir, "gradient norm" if grad else "loss")
+
+    def _sums(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``epoch_acc`` and ``window_acc`` summed over the processes (a collective)."""
+        if self.dist is None:
+            return self.epoch_acc, self.window_acc
+        e, w = self.dist.consolidate_(self.epoch_acc, self.window_acc)
+        return e, w
+
+    def _stop_reason(self, signals: _StopSignals) -> str | None:
+        reason = signals.reason or self.st.stop_reason
+        return reason if self.dist is None else self.dist.agree_stop(reason)
 
     # ---------------------------------------------------------------------- steps
 
@@ -437,9 +494,12 @@ class _Loop:
         tc, st, opt = self.cfg.train, self.st, self.optimizer
         step = st.step
         with self.autocast:
-            out = compute_objective(
-                self.model, x, self.cfg.objective, step, st.total_steps, self.noise
-            )
+            if self.dist is None:
+                out = compute_objective(
+                    self.model, x, self.cfg.objective, step, st.total_steps, self.noise
+                )
+            else:  # this rank's slice of x; loss = its share of the batch mean
+                out = self.dist.objective(x, step, self.noise)
         loss = out.loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -453,7 +513,7 @@ class _Loop:
             gbad = ~torch.isfinite(gnorm)
             self.grad_was_bad |= gbad & ~bad & (self.first_bad < 0)
             bad = bad | gbad
-        if tc.max_bad_steps > 0 and bool(bad):  # opt-in skipping: one sync per step
+        if tc.max_bad_steps > 0 and self._any(bool(bad)):  # opt-in skipping: a sync per step
             self.bad_steps += 1
             if self.bad_steps > tc.max_bad_steps:
                 raise TrainingDiverged(step + 1, self.run_dir, f"loss ({self.bad_steps} bad steps)")
@@ -478,11 +538,15 @@ class _Loop:
         st.step, st.batch = step + 1, st.batch + 1
         return gnorm
 
+    def _any(self, flag: bool) -> bool:
+        return flag if self.dist is None else self.dist.any(flag)
+
     def log_window(self, gnorm: torch.Tensor | None) -> dict:
         """A step record: the means since the previous one (the window's one sync)."""
         self.assert_finite()
         dt = time.perf_counter() - self.window_t0
-        means = ((self.epoch_acc - self.window_acc) / max(1, self.window_images)).tolist()
+        epoch_sums, window_start = self._sums()
+        means = ((epoch_sums - window_start) / max(1, self.window_images)).tolist()
         self.last_gnorm = float(gnorm) if gnorm is not None else float("nan")
         rec = _record("step", "train", self.st, means, self.cfg, self.st.step - 1, self.optimizer)
         rec.update(
@@ -500,7 +564,7 @@ class _Loop:
         """Train means and the validation ELBO; best/early stopping/plateau; checkpoint."""
         self.assert_finite()
         st, tc = self.st, self.cfg.train
-        means = (self.epoch_acc / max(1, self.epoch_images)).tolist()
+        means = (self._sums()[0] / max(1, self.epoch_images)).tolist()
         train_rec = _record("epoch", "train", st, means, self.cfg, st.step - 1, self.optimizer)
         train_rec.update(
             grad_norm=self.last_gnorm,
@@ -511,7 +575,12 @@ class _Loop:
         records = [train_rec]
         if len(self.data.valid) > 0:
             v = validate(
-                self.model, self.data.valid, tc.eval_batch_size, self.device, self.cfg.seed
+                self.model,
+                self.data.valid,
+                tc.eval_batch_size,
+                self.device,
+                self.cfg.seed,
+                self.dist,
             )
             if not math.isfinite(v["elbo"]):
                 raise TrainingDiverged(st.step, self.run_dir, "validation ELBO")
@@ -544,8 +613,10 @@ class _Loop:
         self.stopped_early = 0 < tc.early_stopping <= self.since_best
         if st.batch >= st.steps_per_epoch:  # a whole epoch (not one cut short by max_steps)
             st.epoch, st.batch = st.epoch + 1, 0
+            # The logging window runs across the epoch boundary: keep its sums so far
+            # (epoch_acc - window_acc) as a negative start, then zero the epoch's sums.
+            self.window_acc.sub_(self.epoch_acc)
             self.epoch_acc.zero_()
-            self.window_acc.zero_()
             self.epoch_images, self.epoch_time = 0, 0.0
         self.save_checkpoint(best=improved)
         return records
@@ -568,7 +639,9 @@ class _Loop:
         step_cbs = self.callbacks["on_step_end"]
         self.model.train()
         try:
-            with _StopSignals() as signals:
+            if self.dist is not None:
+                self.dist.reseed_workers(self.cfg.seed, st.step)
+            with _StopSignals(abort_on_second=self.dist is None) as signals:
                 while st.step < st.total_steps and not self.stopped_early:
                     t0 = time.perf_counter()
                     bar.set_description(f"epoch {st.epoch + 1}/{self.n_epochs}")
@@ -589,7 +662,7 @@ class _Loop:
                             self.save_checkpoint()
                         for cb in step_cbs:
                             cb(st)
-                        reason = signals.reason or st.stop_reason
+                        reason = self._stop_reason(signals)
                         if reason is not None:
                             self._add_time(t0)
                             self.save_checkpoint()
@@ -608,7 +681,7 @@ class _Loop:
                         tqdm.write(_epoch_line(st, self.n_epochs, records), file=sys.stderr)
                     for cb in self.callbacks["on_epoch_end"]:
                         cb(st, records)
-                    reason = signals.reason or st.stop_reason
+                    reason = self._stop_reason(signals)
                     if reason is not None and st.step < st.total_steps and not self.stopped_early:
                         self.save_checkpoint()
                         raise TrainingInterrupted(st.step, self.run_dir, reason)
@@ -632,7 +705,7 @@ class _Loop:
         model, run_dir, tc = self.model.eval(), self.run_dir, self.cfg.train
         summary = _summary(self)
         result = FitResult(model=model, run_dir=run_dir, summary=summary, history=self.history)
-        if run_dir is not None:
+        if run_dir is not None and self.writes:
             save_model(model, self.cfg, run_dir)
             if tc.figures:
                 summary["figures"] = _optional_step(
@@ -640,7 +713,9 @@ class _Loop:
                 )
             runs.write_json(run_dir / runs.SUMMARY_FILE, summary)
             if tc.report:
-                summary["report"] = _optional_step("vaelab.report", "write_report", run_dir)
+                summary["report"] = _optional_step(
+                    "vaelab.report", "write_report", run_dir, data=self.data
+                )
                 runs.write_json(run_dir / runs.SUMMARY_FILE, summary)
         for cb in self.callbacks["on_train_end"]:
             cb(self.st, result)
@@ -676,6 +751,10 @@ def fit(
             is a :class:`TrainState`; ``state.request_stop()`` stops like SIGINT does.
         data_dir: where datasets live (else ``cfg.data.data_dir``, else ``$VAELAB_DATA_DIR``).
 
+    Under torchrun (``WORLD_SIZE`` > 1) every process calls ``fit`` with the same arguments and
+    they train data-parallel (:mod:`vaelab.distributed`): ``train.batch_size`` is the global
+    batch, rank 0 alone writes files, and every rank returns the same model and numbers.
+
     Returns:
         :class:`FitResult`.
 
@@ -683,6 +762,8 @@ def fit(
         TrainingInterrupted: SIGINT, SIGTERM or a callback stopped the run (checkpoint saved).
         TrainingDiverged: a NaN/Inf loss or gradient norm; ``last.pt`` is the last good state.
         ValueError, FileNotFoundError: a bad config, missing data, or nothing to resume.
+        vaelab.distributed.DistributedFailure: under torchrun, another process died or the
+            group timed out.
     """
     tc = cfg.train
     if tc.schedule not in SCHEDULES:
@@ -695,7 +776,31 @@ def fit(
         raise ValueError(f"train.log_every must be >= 1, got {tc.log_every}")
     if tc.threads < 0:
         raise ValueError(f"train.threads must be >= 0 (0: torch's default), got {tc.threads}")
-    device = pick_device(tc.device)
+    from vaelab.distributed import Distributed
+
+    # Under torchrun: join the group; rank 0 alone makes (or reads) the run folder.
+    dist, device = Distributed.setup(pick_device(tc.device))
+    try:
+        if dist is None:
+            run_dir, ckpt = _prepare_run(cfg, out_dir, resume)
+        else:
+            run_dir, ckpt = dist.on_main(lambda: _prepare_run(cfg, out_dir, resume))
+        threads = torch.get_num_threads()
+        if tc.threads > 0:
+            torch.set_num_threads(tc.threads)
+        try:
+            return _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir, dist)
+        finally:
+            torch.set_num_threads(threads)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _prepare_run(cfg: Config, out_dir, resume) -> tuple[Path | None, dict | None]:
+    """The run folder (made, or found for a resume) and the checkpoint to resume from."""
+    from vaelab.distributed import announce_run_dir
+
     ckpt = None
     if resume is not None:
         run_dir = runs.resolve_run(resume)
@@ -707,33 +812,33 @@ def fit(
         runs.remove_stale_temporaries(last.parent)
     else:
         run_dir = None if out_dir is None else runs.new_run_dir(out_dir, cfg.name)
-
-    threads = torch.get_num_threads()
-    if tc.threads > 0:
-        torch.set_num_threads(tc.threads)
-    try:
-        return _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir)
-    finally:
-        torch.set_num_threads(threads)
+    announce_run_dir(run_dir)
+    return run_dir, ckpt
 
 
-def _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir) -> FitResult:
+def _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir, dist) -> FitResult:
     if data is None:
         data = load_data(cfg, data_dir)
     seed_everything(cfg.seed)  # after loading, so the model's init never depends on the loader
-    loop = _Loop(cfg, data, device, run_dir, callbacks, progress)
+    loop = _Loop(cfg, data, device, run_dir, callbacks, progress, dist)
     if ckpt is not None:
         loop.load_state_dict(ckpt)
-    if progress:
+    if loop.progress:
         where = f" -> {run_dir}" if run_dir is not None else ""
+        procs = "" if dist is None else f" x {dist.world_size} processes ({dist.backend})"
         print(
             f"vaelab: training {cfg.name}: {data.describe()}; {cfg.model.arch}, "
-            f"{count_parameters(loop.model):,} parameters, {device}{where}",
+            f"{count_parameters(loop.model):,} parameters, {device}{procs}{where}",
             file=sys.stderr,
         )
     loop.open_files(ckpt["metrics_offset"] if ckpt else None)
     try:
         loop.run()
+    except RuntimeError as exc:  # under torchrun: name a lost process, and the checkpoint
+        failure = None if dist is None else dist.failure(exc, loop.st.step, run_dir)
+        if failure is None:
+            raise
+        raise failure from exc
     finally:
         loop.close()
     return loop.finish()
@@ -789,12 +894,13 @@ def _tensorboard(cfg: Config, run_dir: Path):
     return SummaryWriter(str(run_dir / "tensorboard"))
 
 
-def _optional_step(module: str, func: str, *args) -> Any:
-    """Call ``module.func(*args)`` if that module exists; a failure warns (training is saved)."""
+def _optional_step(module: str, func: str, *args, **kwargs) -> Any:
+    """Call ``module.func(*args, **kwargs)`` if that module exists; a failure warns (training
+    is saved)."""
     if importlib.util.find_spec(module) is None:
         return None
     try:
-        out = getattr(importlib.import_module(module), func)(*args)
+        out = getattr(importlib.import_module(module), func)(*args, **kwargs)
     except Exception as exc:  # a plotting bug must not lose a finished run
         warnings.warn(f"{module}.{func} failed: {type(exc).__name__}: {exc}", stacklevel=2)
         return {"error": f"{type(exc).__name__}: {exc}"}
@@ -839,6 +945,7 @@ def _summary(loop: _Loop) -> dict:
             "test": len(data.test),
         },
         "hardware": describe_hardware(loop.device),
+        "distributed": None if loop.dist is None else loop.dist.describe(),
         "versions": {
             "python": sys.version.split()[0],
             "torch": torch.__version__,

@@ -1,4 +1,8 @@
-"""``vaelab train [PRESET | CONFIG.toml] [key=value ...] [--out DIR] [--resume RUN]``."""
+"""``vaelab train [PRESET | CONFIG.toml] [key=value ...] [--out DIR] [--resume RUN] [--nproc N]``.
+
+``--nproc N`` runs the same command on N processes through torchrun (see
+:mod:`vaelab.distributed`); ``torchrun --nproc-per-node N -m vaelab train ...`` is the same.
+"""
 
 from __future__ import annotations
 
@@ -39,6 +43,15 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-progress", action="store_true", help="no progress bar or epoch lines")
     p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="train data-parallel on N processes of this machine (one per GPU, or CPU "
+        "processes with gloo) by running torchrun --standalone --nproc-per-node N; "
+        "train.batch_size is the global batch",
+    )
+    p.add_argument(
         "--print-config",
         action="store_true",
         help="print the resolved config as TOML and exit without training",
@@ -57,14 +70,30 @@ def _config(args: argparse.Namespace):
     return resolve_config(spec, overrides)
 
 
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """This command line without --nproc, for the processes torchrun starts."""
+    argv = [args.config] if args.config is not None else []
+    argv += [*args.overrides, "--out", args.out]
+    argv += ["--resume", args.resume] if args.resume is not None else []
+    argv += ["--no-progress"] if args.no_progress else []
+    argv += ["--data-dir", args.data_dir] if args.data_dir is not None else []
+    return ["-m", "vaelab", "train", *argv]
+
+
 def run(args: argparse.Namespace) -> int:
     from vaelab.config import dumps
+    from vaelab.distributed import DistributedFailure, env_world, is_main_process, launch
     from vaelab.train import TrainingDiverged, TrainingInterrupted, fit
 
     cfg = _config(args)
     if args.print_config:
         print(dumps(cfg), end="")
         return 0
+    if args.nproc != 1:
+        if env_world() is not None:
+            raise ValueError("--nproc starts torchrun; under torchrun already, leave it out")
+        return launch(args.nproc, _child_argv(args))
+    main = is_main_process()  # under torchrun, rank 0 alone reports
     try:
         result = fit(
             cfg,
@@ -74,12 +103,16 @@ def run(args: argparse.Namespace) -> int:
             data_dir=args.data_dir,
         )
     except TrainingInterrupted as exc:
-        print(f"vaelab: {exc}", file=sys.stderr)
+        if main:
+            print(f"vaelab: {exc}", file=sys.stderr)
         sig = getattr(signal.Signals, exc.reason, signal.SIGINT)  # 128 + N, as a shell reports
         return 128 + int(sig)
-    except TrainingDiverged as exc:
-        print(f"vaelab: error: {exc}", file=sys.stderr)
+    except (TrainingDiverged, DistributedFailure) as exc:
+        if main or isinstance(exc, DistributedFailure):
+            print(f"vaelab: error: {exc}", file=sys.stderr)
         return 1
+    if not main:
+        return 0
     s = result.summary
     valid = s.get("valid") or s.get("train") or {}
     line = f"done: {s['epochs']} epochs, {s['steps']} steps in {s['wall_time_s']:.1f} s"
