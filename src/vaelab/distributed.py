@@ -331,7 +331,7 @@ def announce_run_dir(run_dir: Path | None) -> None:
 # ------------------------------------------------------------------------------ launching
 
 
-def launch(nproc: int, command: Sequence[str], torchrun_args: Sequence[str] = ()) -> int:
+def launch(nproc: int, command: Sequence[str]) -> int:
     """Run ``command`` on ``nproc`` processes of this machine through torchrun, in this process
     (``python -m torch.distributed.run --standalone --nproc-per-node N COMMAND``).
 
@@ -347,9 +347,15 @@ def launch(nproc: int, command: Sequence[str], torchrun_args: Sequence[str] = ()
 
     if nproc < 1:
         raise ValueError(f"--nproc must be >= 1, got {nproc}")
-    args = parse_args(["--standalone", "--nproc-per-node", str(nproc), *torchrun_args, *command])
+    args = parse_args(["--standalone", "--nproc-per-node", str(nproc), *command])
     saved_env = dict(os.environ)
-    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    # torchrun's agent takes these signals (its default TORCHELASTIC_SIGNALS_TO_HANDLE)
+    names = ("SIGTERM", "SIGINT", "SIGHUP", "SIGQUIT")
+    handlers = {
+        getattr(signal, n): signal.getsignal(getattr(signal, n))
+        for n in names
+        if hasattr(signal, n)
+    }
     with tempfile.TemporaryDirectory() as tmp:
         info = Path(tmp) / "run.json"
         os.environ[ENV_RUN_INFO] = str(info)
