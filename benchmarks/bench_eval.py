@@ -94,9 +94,9 @@ def build_and_train(data, epochs: float):
     return model.eval()
 
 
-def _addmm_loop(rows: int, k_in: int, n_out: int, seconds: float) -> tuple[float, int]:
+def _addmm_loop(rows: int, k_in: int, n_out: int, seconds: float) -> tuple[float, float, int]:
     """Run fp32 addmm (rows, k_in) x (k_in, n_out) + bias into a preallocated output for about
-    ``seconds``; returns (elapsed, calls)."""
+    ``seconds``; returns (elapsed, this thread's CPU seconds, calls)."""
     g = torch.Generator().manual_seed(0)
     a = torch.randn(rows, k_in, generator=g)
     w = torch.randn(n_out, k_in, generator=g)
@@ -105,20 +105,23 @@ def _addmm_loop(rows: int, k_in: int, n_out: int, seconds: float) -> tuple[float
     for _ in range(3):
         torch.addmm(b, a, w.t(), out=out)
     calls = max(3, int(seconds * 1e11 / (2 * rows * k_in * n_out)))
-    t = time.perf_counter()
+    t, c = time.perf_counter(), time.thread_time()
     for _ in range(calls):
         torch.addmm(b, a, w.t(), out=out)
-    return time.perf_counter() - t, calls
+    return time.perf_counter() - t, time.thread_time() - c, calls
 
 
-def matmul_gflops(rows: int, k_in: int, n_out: int, workers: int, reps: int = 3) -> float:
+def matmul_gflops(
+    rows: int, k_in: int, n_out: int, workers: int, reps: int = 3
+) -> tuple[float, float]:
     """Best fp32 GFLOP/s of addmm at this shape: torch's own threads (workers = 1), or
-    ``workers`` Python threads each running single-threaded addmm at once (their sum)."""
+    ``workers`` Python threads each running single-threaded addmm at once (their sum). Also
+    the best GFLOP per CPU-second of one single-threaded product (workers > 1; else 0)."""
     flop = 2 * rows * k_in * n_out
-    best = 0.0
+    best, per_cpu = 0.0, 0.0
     for _ in range(reps):
         if workers == 1:
-            dt, calls = _addmm_loop(rows, k_in, n_out, 0.15)
+            dt, _, calls = _addmm_loop(rows, k_in, n_out, 0.15)
             best = max(best, flop * calls / dt / 1e9)
             continue
         threads = torch.get_num_threads()
@@ -132,14 +135,17 @@ def matmul_gflops(rows: int, k_in: int, n_out: int, workers: int, reps: int = 3)
                 res = list(ex.map(job, range(workers)))
         finally:
             torch.set_num_threads(threads)
-        best = max(best, sum(flop * c / dt for dt, c in res) / 1e9)
-    return best
+        best = max(best, sum(flop * c / dt for dt, _, c in res) / 1e9)
+        per_cpu = max(per_cpu, *(flop * c / cpu / 1e9 for _, cpu, c in res))
+    return best, per_cpu
 
 
-def throughput(rows: int, reps: int = 3) -> float:
+def throughput(rows: int, reps: int = 3) -> tuple[float, float]:
     """Best fp32 GFLOP/s at the decoder's big layer (rows x 400 x 784), either way of using the
-    cores: torch's own threads in one addmm, or one single-threaded addmm per thread at once."""
-    return max(matmul_gflops(rows, 400, 784, w, reps) for w in sorted({1, torch.get_num_threads()}))
+    cores (torch's own threads in one addmm, or one single-threaded addmm per thread at once),
+    and the best GFLOP per CPU-second of a single-threaded one."""
+    res = [matmul_gflops(rows, 400, 784, w, reps) for w in sorted({1, torch.get_num_threads()})]
+    return max(r[0] for r in res), max(r[1] for r in res)
 
 
 def main() -> None:
@@ -174,18 +180,27 @@ def main() -> None:
 
     # Segments of 1,000 images, each between two throughput measurements, so that load from
     # other processes on a shared machine hits the bound and the timing alike.
-    thr = [throughput(rows)]
-    seconds, bounds, log_px = [], [], []
+    measured = [throughput(rows)]
+    seconds, cpu_seconds, bounds, log_px = [], [], [], []
     for i, start in enumerate(range(0, n, READ_BATCH)):
         seg = test.subset(slice(start, min(n, start + READ_BATCH)))
+        c = time.process_time()
         res = run(seg, seed=derive_seed(0, i))
-        thr.append(throughput(rows))
+        cpu_seconds.append(time.process_time() - c)
+        measured.append(throughput(rows))
         seconds.append(res.seconds)
-        bounds.append(per_sample * len(seg) * args.k / (max(thr[-2], thr[-1]) * 1e9))
+        near = max(measured[-2][0], measured[-1][0])
+        bounds.append(per_sample * len(seg) * args.k / (near * 1e9))
         log_px.append(res.log_px)
     is_s, lp = sum(seconds), torch.cat(log_px)
     flops = per_sample * n * args.k
+    thr = [m[0] for m in measured]
     best = max(thr)
+    # CPU time (all threads of this process) is what other processes cannot steal: the IS
+    # CPU-seconds against the CPU-seconds the decoder FLOPs take at the best single-core rate.
+    per_cpu = max(m[1] for m in measured)
+    cpu_bound = flops / (per_cpu * 1e9) if per_cpu else float("nan")
+    is_cpu = sum(cpu_seconds)
     strict = flops / (best * 1e9)
     adjacent = sum(bounds)
     seg_ratios = [s / b for s, b in zip(seconds, bounds)]
@@ -217,6 +232,10 @@ def main() -> None:
         "matmul_bound_adjacent_s": round(adjacent, 2),
         "ratio_adjacent": round(is_s / adjacent, 3),
         "segment_ratios": [round(r, 3) for r in seg_ratios],
+        "is_cpu_seconds": round(is_cpu, 2),
+        "matmul_gflop_per_cpu_second_best": round(per_cpu, 1),
+        "cpu_bound_s": round(cpu_bound, 2),
+        "cpu_ratio": round(is_cpu / cpu_bound, 3),
         "log_px_nats": round(lp.mean().item(), 3),
         "log_px_stderr": round((lp.std() / len(lp) ** 0.5).item(), 3),
     }
@@ -235,6 +254,8 @@ def main() -> None:
         f"  ratio                {is_s / strict:8.3f}   (target <= 1.5)\n"
         f"  ratio per segment    {min(seg_ratios):.3f} .. {max(seg_ratios):.3f} (each 1,000 images "
         f"vs the throughput measured right before and after it; overall {is_s / adjacent:.3f})\n"
+        f"  CPU-time ratio       {is_cpu / cpu_bound:8.3f}   ({is_cpu:.1f} CPU-s vs {cpu_bound:.1f} CPU-s at "
+        f"{per_cpu:.1f} GFLOP per CPU-s; immune to other processes' load)\n"
         f"  log p(x)             {out['log_px_nats']:8.3f} +- {out['log_px_stderr']:.3f} nats/image"
     )
     if args.compare:

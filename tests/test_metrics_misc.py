@@ -156,3 +156,18 @@ def test_parameter_counts_add_up():
     assert c["likelihood"] == 1
     assert c["total"] == c["encoder"] + c["decoder"] + c["likelihood"]
     assert np.isclose(sum(v for k, v in c.items() if k != "total"), c["total"])
+
+
+def test_ssim_is_skipped_with_a_note_without_scikit_image(monkeypatch):
+    from vaelab.data import load_dataset
+    from vaelab.evaluate import evaluate
+    from vaelab.metrics import reconstruction
+
+    monkeypatch.setattr(reconstruction, "have_skimage", lambda: False)
+    torch.manual_seed(0)
+    model = build_model(ModelConfig(arch="mlp", hidden=(8,), latent_dim=2), (1, 8, 8))
+    rep = evaluate(
+        model, load_dataset("digits"), metrics="reconstruction", max_images=20, progress=False
+    )
+    assert rep.value("recon.ssim") is None and "scikit-image" in rep.get("recon.ssim").notes[0]
+    assert rep.value("recon.mse") > 0
