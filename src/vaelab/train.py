@@ -149,6 +149,7 @@ def load_data(cfg: Config, data_dir: str | Path | None = None):
         data_dir if data_dir is not None else d.data_dir,
         valid_size=d.valid_size,
         subset_train=d.subset_train,
+        subset_valid=d.subset_valid,
         subset_test=d.subset_test,
         subset_mode=d.subset_mode,
         seed=cfg.seed,
