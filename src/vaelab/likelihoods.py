@@ -60,6 +60,54 @@ class Likelihood(nn.Module):
 # ----------------------------------------------------------------------------------- Bernoulli
 
 
+# Products of this many factors in [1, 2] stay below float32's largest value (2^128).
+_LOG_GROUP = 112
+
+
+def _sum_log(t: torch.Tensor) -> torch.Tensor:
+    """sum_d log t_d over dim 1 of (B, D), for t_d in [1, 2]: the logs of products of 112
+    factors, so one log per 112 pixels instead of one per pixel (logs are slow on CPU)."""
+    d = t.shape[1]
+    full = d // _LOG_GROUP * _LOG_GROUP
+    out = t[:, :full].unflatten(1, (full // _LOG_GROUP, _LOG_GROUP)).prod(2).log_().sum(1)
+    if full < d:
+        out = out + t[:, full:].prod(1).log_()
+    return out
+
+
+class _BernoulliLogProb(torch.autograd.Function):
+    """sum_d [x_d l_d - softplus(l_d)] for each row of logits l and images x, (B, D) -> (B,).
+
+    softplus(l) = (l + |l|) / 2 + log(1 + exp(-|l|)) is stable for any logit, and the logs are
+    taken of products (:func:`_sum_log`). The gradient is g (x - sigmoid(l)). Forward and
+    backward take about half the time of ``-binary_cross_entropy_with_logits(...).sum(1)`` on
+    CPU, whose log-sigmoid is not vectorised; equal to it within float rounding.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(logits, x)
+        a = logits.abs()
+        abs_sum = a.sum(1)
+        one_plus = a.neg_().exp_().add_(1.0)  # 1 + exp(-|l|), in [1, 2]
+        return (x * logits).sum(1) - 0.5 * (logits.sum(1) + abs_sum) - _sum_log(one_plus)
+
+    @staticmethod
+    def backward(ctx, g: torch.Tensor):
+        logits, x = ctx.saved_tensors
+        g = g.unsqueeze(1)
+        grad_logits = grad_x = None
+        if ctx.needs_input_grad[0]:
+            s = torch.sigmoid(logits)
+            if torch.is_grad_enabled():  # double backward: keep the graph
+                grad_logits = (x - s) * g
+            else:
+                grad_logits = torch.sub(x, s, out=s).mul_(g)
+        if ctx.needs_input_grad[1]:
+            grad_x = logits * g
+        return grad_logits, grad_x
+
+
 class BernoulliDist:
     """Independent Bernoulli pixels from logits (B, C, H, W)."""
 
@@ -67,12 +115,12 @@ class BernoulliDist:
         self.logits = logits
 
     def log_prob(self, x: torch.Tensor) -> torch.Tensor:
-        # -BCE with logits: x*l - softplus(l), stable for any logit.
-        return -_sum_pixels(
-            F.binary_cross_entropy_with_logits(
-                self.logits, x.expand_as(self.logits), reduction="none"
-            )
-        )
+        # x*l - softplus(l) summed over pixels, stable for any logit.
+        logits = self.logits
+        if logits.dtype in (torch.float16, torch.bfloat16):  # as autocast runs BCE: float32
+            logits = logits.float()
+        x = x.expand_as(logits).to(logits.dtype)
+        return _BernoulliLogProb.apply(logits.flatten(1), x.flatten(1))
 
     @property
     def mean(self) -> torch.Tensor:

@@ -92,7 +92,9 @@ def elbo(
     q_z = model.encode(x)
     z = q_z.rsample(n_samples, generator=generator, eps=eps)  # (L, B, Z)
     p_x = model.decode(z)
-    log_px_z = p_x.log_prob(_repeat(x, n_samples)).view(n_samples, x.shape[0]).mean(0)
+    log_px_z = p_x.log_prob(_repeat(x, n_samples))
+    if n_samples > 1:
+        log_px_z = log_px_z.view(n_samples, x.shape[0]).mean(0)
     kl_per_dim = q_z.kl_per_dim()
     if analytic_kl:
         kl = kl_per_dim.sum(-1)
@@ -104,6 +106,8 @@ def elbo(
     elif free_bits > 0:
         kl_term = torch.clamp(kl_per_dim.mean(0), min=free_bits).sum()
         loss = -log_px_z.mean() + beta * kl_term
+    elif beta == 1.0:  # the same number as below, with two fewer operations per step
+        loss = -elbo_value.mean()
     else:
         loss = -(log_px_z - beta * kl).mean()
     return ObjectiveOutput(loss, elbo_value, log_px_z, kl, kl_per_dim, elbo_value, beta)

@@ -6,9 +6,11 @@ One call does everything a run needs::
     result.model, result.summary["best_valid_elbo"]
 
 The step is kept tight: batches come from indexing a uint8 tensor (``BatchIterator``), the
-optimizer is fused (or foreach) Adam, gradients are freed with ``set_to_none``, and nothing
-waits for the device except every ``train.log_every`` steps, when the accumulated sums are read
-once. The gradient norm is computed only when logging or clipping.
+optimizer is fused Adam with a lean step (:mod:`vaelab.optim`; foreach Adam where fused is not
+built), denormal floats count as zero in every CPU thread while training (:mod:`vaelab.cpu`),
+gradients are freed with ``set_to_none``, and nothing waits for the device except every
+``train.log_every`` steps, when the accumulated sums are read once. The gradient norm is
+computed only when logging or clipping.
 
 Records in ``metrics.jsonl`` (one JSON object per line)::
 
@@ -55,9 +57,11 @@ import torch
 import vaelab
 from vaelab import runs
 from vaelab.config import Config, to_dict
+from vaelab.cpu import denormals_flushed
 from vaelab.devices import describe_hardware, pick_device
 from vaelab.model import VAE, build_model, count_parameters, save_model
 from vaelab.objectives import beta_schedule, compute_objective, elbo
+from vaelab.optim import FusedAdam
 
 SCHEDULES = ("none", "cosine", "plateau")
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 3  # ReduceLROnPlateau on the validation ELBO
@@ -167,8 +171,8 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
     kwargs = dict(lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay)
     params = [p for p in model.parameters() if p.requires_grad]
     if device.type in ("cpu", "cuda", "mps"):
-        try:
-            return torch.optim.Adam(params, fused=True, **kwargs)
+        try:  # Adam(fused=True), minus ~0.15 ms of Python a step (vaelab.optim)
+            return FusedAdam(params, **kwargs)
         except (RuntimeError, ValueError):  # fused not built for this device/dtype
             pass
     return torch.optim.Adam(params, foreach=True, **kwargs)
@@ -361,6 +365,7 @@ class _Loop:
         self.history: list[dict] = []
         self.elapsed0, self.train_time, self.images_seen = 0.0, 0.0, 0
         self.epoch_acc = torch.zeros(4, dtype=self.acc_dtype, device=device)  # loss elbo rec kl
+        self.acc_signs = torch.tensor([1.0, 1.0, -1.0, 1.0], dtype=self.acc_dtype, device=device)
         self.epoch_images, self.epoch_time = 0, 0.0
         # Not saved: the divergence flags (never saved while set) and the logging window.
         self.first_bad = torch.full((), -1, dtype=torch.long, device=device)
@@ -521,18 +526,14 @@ class _Loop:
             opt.zero_grad(set_to_none=True)
             self.grad_was_bad.zero_()
         else:
-            self.first_bad = torch.where(bad & (self.first_bad < 0), step + 1, self.first_bad)
+            self.first_bad.masked_fill_(bad & (self.first_bad < 0), step + 1)  # no sync
             opt.step()
             if tc.schedule == "cosine":
                 self.scheduler.step()
             b = x.shape[0]
-            stats = [
-                loss.detach() * b,
-                out.elbo.detach().sum(),
-                -out.log_px_z.detach().sum(),
-                out.kl.detach().sum(),
-            ]
-            self.epoch_acc += torch.stack(stats).to(self.acc_dtype)
+            with torch.no_grad():  # loss, elbo, rec, kl sums: 6 small ops, no autograd records
+                row = torch.stack([loss * b, out.elbo.sum(), out.log_px_z.sum(), out.kl.sum()])
+                self.epoch_acc.addcmul_(row, self.acc_signs)  # rec = -log p(x|z)
             self.epoch_images += b
             self.window_images += b
             self.images_seen += b
@@ -789,8 +790,9 @@ def fit(
         threads = torch.get_num_threads()
         if tc.threads > 0:
             torch.set_num_threads(tc.threads)
-        try:
-            return _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir, dist)
+        try:  # denormals count as 0 (vaelab.cpu): Adam on decayed moments is ~5x faster
+            with denormals_flushed():
+                return _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir, dist)
         finally:
             torch.set_num_threads(threads)
     finally:

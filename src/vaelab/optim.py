@@ -1,0 +1,106 @@
+"""Fused Adam with a lean step: torch's one fused kernel, without its per-step Python.
+
+``torch.optim.Adam(fused=True)`` updates every parameter in one kernel, but around it each step
+rebuilds the lists of parameters, gradients and moments, groups them by device and dtype, and
+adds 1 to the per-parameter step counters with a ``foreach`` call that takes a slow path for
+0-d CPU tensors. On the CPU that costs ~0.15 ms a step: ~3% of a training step of the
+784-400-20 MNIST MLP at batch 128 (measured in ``benchmarks/bench_train.py``'s setting).
+
+:class:`FusedAdam` *is* ``torch.optim.Adam(fused=True)`` -- same state, ``state_dict``, hooks,
+schedulers, checkpoints and numbers, bit for bit -- except that once its state exists, the plain
+case (one parameter group, plain Adam with L2 weight decay, every gradient present, no gradient
+scaler) calls the fused kernel directly with cached lists. Anything else goes through
+``torch.optim.Adam.step`` unchanged.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+
+
+class FusedAdam(torch.optim.Adam):
+    """``torch.optim.Adam(params, fused=True, ...)`` with the lean step described above.
+
+    Raises what ``torch.optim.Adam(fused=True)`` raises where the fused kernel does not
+    support the parameters' device or dtype.
+    """
+
+    def __init__(
+        self,
+        params: Iterable[torch.Tensor],
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+    ) -> None:
+        self._lean: tuple | None = None
+        super().__init__(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, fused=True)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        self._lean = None
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        self._lean = None  # the state tensors were replaced
+
+    def _lean_lists(self) -> tuple | None:
+        """(params, exp_avgs, exp_avg_sqs, steps) when the plain case holds, else None."""
+        if len(self.param_groups) != 1:
+            return None
+        group = self.param_groups[0]
+        plain = not (
+            group["amsgrad"]
+            or group["maximize"]
+            or group["differentiable"]
+            or group["capturable"]
+            or group.get("decoupled_weight_decay", False)
+            or torch.is_tensor(group["lr"])
+        )
+        params = group["params"]
+        states = [self.state.get(p, {}) for p in params]
+        if not plain or not params or not all("step" in s for s in states):
+            return None  # the first step initialises the state the usual way
+        first = params[0]
+        if any(p.device != first.device or p.dtype != first.dtype for p in params):
+            return None
+        return (
+            list(params),
+            [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states],
+            [s["step"] for s in states],
+        )
+
+    def step(self, closure=None):
+        """One Adam step (see the module docstring); returns the closure's loss, if given."""
+        if closure is None and getattr(self, "grad_scale", None) is None:
+            if self._lean is None:
+                self._lean = self._lean_lists() or ()
+            if self._lean:
+                params, exp_avgs, exp_avg_sqs, steps = self._lean
+                grads = [p.grad for p in params]
+                if all(g is not None and not g.is_sparse for g in grads):
+                    group = self.param_groups[0]
+                    beta1, beta2 = group["betas"]
+                    with torch.no_grad():
+                        torch._foreach_add_(steps, 1)
+                        torch._fused_adam_(
+                            params,
+                            grads,
+                            exp_avgs,
+                            exp_avg_sqs,
+                            [],
+                            steps,
+                            amsgrad=False,
+                            lr=group["lr"],
+                            beta1=beta1,
+                            beta2=beta2,
+                            weight_decay=group["weight_decay"],
+                            eps=group["eps"],
+                            maximize=False,
+                        )
+                    return None
+        self._lean = None  # the general step may create or change state
+        return super().step(closure)
