@@ -1,0 +1,700 @@
+"""Benchmark: vaelab's fit() against a loop written the way pytorch/examples writes it, side by side.
+
+    python benchmarks/bench_train.py                  # MLP 784-400-20 on MNIST, 10 epochs, 3 rounds
+    python benchmarks/bench_train.py --quick          # 2 epochs, 2 rounds (a few minutes)
+    python benchmarks/bench_train.py --arch conv      # conv: throughput on MNIST and 3x64x64
+    python benchmarks/bench_train.py --arch dcgan --steps 30
+
+Each contender trains in its own fresh process, alternating A B A B over ``--rounds`` rounds, with
+``--threads`` torch threads; the table gives every round and the medians.
+
+* reference (pytorch/examples ``vae/main.py``): a DataLoader over a TensorDataset of float
+  images, shuffle=True, the model's decoder ending in a sigmoid, loss
+  ``F.binary_cross_entropy(recon, x, reduction="sum")`` + the closed-form KL, ``loss.item()``
+  every step, ``torch.optim.Adam(lr=1e-3)``. For conv/dcgan the same loop trains vaelab's own
+  encoder and decoder modules (sigmoid on the decoder's output).
+* vaelab: ``fit()`` on the ``pytorch-examples`` preset (MLP 784-400-20, Bernoulli, Adam 1e-3,
+  batch 128) with its default train settings (``--vaelab-set`` adds overrides); conv/dcgan use
+  the same preset with ``model.arch`` changed.
+
+Both see the same data: MNIST grey levels in [0, 1] (vaelab's 50,000-image train split and the
+10,000 test images), or random uint8 3x64x64 images for the conv/dcgan throughput runs.
+
+Figures:
+
+* images/s: training images over training seconds (data loading included, every evaluation
+  and vaelab's per-epoch validation excluded).
+* matmul cap: the matrix products of one training step of the network at this batch size
+  (per Linear layer the forward ``addmm`` and the weight-gradient ``mm``, plus the
+  input-gradient ``mm`` for every layer but the first, whose input is the data; convolutions
+  likewise), each timed alone, best of several repeats, just before each contender runs; cap =
+  batch / that time, share = images/s / cap. The issue's count, which also times the first
+  layer's input gradient (a product no training step computes), is printed beside it.
+* test ELBO after ``--epochs`` epochs: one estimator for both -- one z per test image,
+  Bernoulli log-likelihood on the decoder's logits (the reference's ``fc4`` output) and the
+  closed-form KL, nats per image, averaged over the 10,000 test images.
+* seconds to ``--target`` nats: training seconds until that test -ELBO, checked every
+  ``--check-every`` steps, first is <= target (the clock stops during each check).
+* peak memory: the training process's resident-set high-water mark (VmHWM), data included.
+
+MNIST comes from ``--data-dir``, ``$VAELAB_DATA_DIR`` or /work/shared/data.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+ARCHS = ("mlp", "conv", "dcgan")
+CONTENDERS = ("reference", "vaelab")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--arch", choices=ARCHS, default="mlp")
+    p.add_argument("--epochs", type=int, default=10, help="MLP: epochs per run (default 10)")
+    p.add_argument("--rounds", type=int, default=3, help="A B rounds (default 3)")
+    p.add_argument("--batch", type=int, default=128)
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--quick", action="store_true", help="2 epochs (conv/dcgan: 10 steps), 2 rounds")
+    p.add_argument("--target", type=float, default=110.0, help="test -ELBO target, nats")
+    p.add_argument("--check-every", type=int, default=25, help="steps between target checks")
+    p.add_argument(
+        "--steps", type=int, default=None, help="conv/dcgan: timed steps per run (default 20)"
+    )
+    p.add_argument("--warmup", type=int, default=3, help="conv/dcgan: untimed first steps")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None)
+    p.add_argument(
+        "--vaelab-set",
+        nargs="*",
+        default=[],
+        help="extra overrides for vaelab (train.compile=true)",
+    )
+    p.add_argument("--only", choices=CONTENDERS, default=None, help="run one contender only")
+    p.add_argument("--json", default=None, help="also write every figure to this JSON file")
+    p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one run
+    p.add_argument("--shape", default="mnist", help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.quick:
+        args.epochs, args.rounds = min(args.epochs, 2), min(args.rounds, 2)
+        args.steps = args.steps or 10
+    args.steps = args.steps or 20
+    if args.threads is None:
+        args.threads = torch.get_num_threads()
+    return args
+
+
+def data_dir(arg: str | None) -> str | None:
+    if arg:
+        return arg
+    if os.environ.get("VAELAB_DATA_DIR"):
+        return None
+    shared = Path("/work/shared/data")
+    return str(shared) if (shared / "mnist").is_dir() else None
+
+
+# ------------------------------------------------------------------------------ the reference
+
+
+class ReferenceVAE(nn.Module):
+    """pytorch/examples vae/main.py, as written there (fc21/fc22 heads, sigmoid output)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(784, 400)
+        self.fc21 = nn.Linear(400, 20)
+        self.fc22 = nn.Linear(400, 20)
+        self.fc3 = nn.Linear(20, 400)
+        self.fc4 = nn.Linear(400, 784)
+
+    def encode(self, x):
+        h1 = F.relu(self.fc1(x))
+        return self.fc21(h1), self.fc22(h1)
+
+    def reparameterize(self, mu, logvar):
+        std = torch.exp(0.5 * logvar)
+        eps = torch.randn_like(std)
+        return mu + eps * std
+
+    def logits(self, z):
+        return self.fc4(F.relu(self.fc3(z)))
+
+    def decode(self, z):
+        return torch.sigmoid(self.logits(z))
+
+    def forward(self, x):
+        mu, logvar = self.encode(x.view(-1, 784))
+        z = self.reparameterize(mu, logvar)
+        return self.decode(z), mu, logvar
+
+
+class ReferenceOf(nn.Module):
+    """The pytorch/examples loop's model around vaelab's encoder and decoder modules."""
+
+    def __init__(self, vae) -> None:
+        super().__init__()
+        self.encoder, self.decoder = vae.encoder, vae.decoder
+
+    def encode(self, x):
+        return self.encoder(x)
+
+    def logits(self, z):
+        return self.decoder(z)
+
+    def forward(self, x):
+        mu, logvar = self.encoder(x)
+        std = torch.exp(0.5 * logvar)
+        z = mu + torch.randn_like(std) * std
+        return torch.sigmoid(self.decoder(z)), mu, logvar
+
+
+def loss_function(recon_x, x, mu, logvar):
+    """pytorch/examples: reconstruction + KL summed over all elements and the batch."""
+    bce = F.binary_cross_entropy(recon_x, x.view_as(recon_x), reduction="sum")
+    kld = -0.5 * torch.sum(1 + logvar - mu.pow(2) - logvar.exp())
+    return bce + kld
+
+
+# ------------------------------------------------------------------------------ shared pieces
+
+
+class Clock:
+    """Training seconds, with the clock stopped while evaluating."""
+
+    def __init__(self) -> None:
+        self.total, self._t0 = 0.0, None
+
+    def start(self) -> None:
+        if self._t0 is None:
+            self._t0 = time.perf_counter()
+
+    def stop(self) -> None:
+        if self._t0 is not None:
+            self.total += time.perf_counter() - self._t0
+            self._t0 = None
+
+
+@torch.inference_mode()
+def test_elbo(encode, decode_logits, x_test: torch.Tensor, seed: int = 0) -> float:
+    """The ELBO (nats per image) of x_test (N, C, H, W): one z per image, Bernoulli on logits,
+    closed-form KL. ``encode(x) -> (mu, logvar)``, ``decode_logits(z) -> logits``."""
+    g = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for i in range(0, len(x_test), 1000):
+        x = x_test[i : i + 1000]
+        mu, logvar = encode(x)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)
+        logits = decode_logits(z).reshape(len(x), -1)
+        rec = F.binary_cross_entropy_with_logits(logits, x.reshape(len(x), -1), reduction="none")
+        kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
+        total += float((rec.sum(1) + kl).sum())
+    return -total / len(x_test)
+
+
+class TargetWatch:
+    """When did the test -ELBO first reach ``target``? Every ``every`` steps the weights are
+    copied (clock stopped, ~0.1 ms); at each epoch end the copies are scored in order until one
+    reaches the target. Scoring 10,000 test images in the middle of an epoch would evict the
+    training step's working set from the caches and slow the steps that follow (by ~15%
+    measured here), which would understate both contenders' images/s."""
+
+    def __init__(self, clock: Clock, x_test, target: float, every: int, eval_model, encode, decode):
+        self.clock, self.x_test, self.target, self.every = clock, x_test, target, every
+        self.eval_model, self.encode, self.decode = eval_model.eval(), encode, decode
+        self.pending: list[tuple[float, int, dict]] = []
+        self.reached: dict | None = None
+        self.checks = 0
+
+    def snapshot(self, step: int, model: nn.Module) -> None:
+        if self.reached is not None or self.every <= 0 or step % self.every:
+            return
+        self.clock.stop()
+        weights = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        self.pending.append((self.clock.total, step, weights))
+        self.clock.start()
+
+    def resolve(self) -> None:
+        """Score the pending copies (call with the clock stopped)."""
+        for seconds, step, weights in self.pending:
+            if self.reached is not None:
+                break
+            self.eval_model.load_state_dict(weights)
+            nll = -test_elbo(self.encode, self.decode, self.x_test)
+            self.checks += 1
+            if nll <= self.target:
+                self.reached = {"seconds": seconds, "step": step, "nll": nll}
+        self.pending.clear()
+
+
+def peak_rss_mb() -> float:
+    """This process's resident-set high-water mark in MB (VmHWM; ru_maxrss elsewhere)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def vaelab_config(args, arch: str, extra: list[str]):
+    from vaelab import load_preset, override
+
+    sets = [
+        f"seed={args.seed}",
+        f"train.batch_size={args.batch}",
+        f"train.threads={args.threads}",
+        "train.figures=false",
+        "train.report=false",
+        *extra,
+    ]
+    if arch != "mlp":
+        sets += [f"model.arch={arch}", "model.hidden="]
+    return override(load_preset("pytorch-examples"), sets + list(args.vaelab_set))
+
+
+def random_splits(n: int, shape=(3, 64, 64), seed: int = 0):
+    """n random uint8 images of ``shape`` as DataSplits (empty valid and test splits)."""
+    from vaelab.data.base import DataInfo, DataSplits, ImageSet
+
+    info = DataInfo(f"random-{'x'.join(map(str, shape))}", tuple(shape), "8bit")
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, *shape), generator=g, dtype=torch.uint8)
+    empty = ImageSet(images[:0], None, info)
+    return DataSplits(info, ImageSet(images, None, info), empty, empty)
+
+
+# ------------------------------------------------------------------------------ workers
+
+
+def run_worker(args) -> dict:
+    """One contender, one run, in this process; returns its figures."""
+    torch.set_num_threads(args.threads)
+    from vaelab.data import load_dataset
+
+    if args.shape == "mnist":
+        data = load_dataset("mnist", data_dir(args.data_dir), download=False)
+    else:
+        shape = tuple(int(s) for s in args.shape.split("x"))
+        data = random_splits((args.warmup + args.steps) * args.batch, shape, args.seed)
+    if args.arch == "mlp":
+        out = mlp_reference(args, data) if args.worker == "reference" else mlp_vaelab(args, data)
+    else:
+        out = throughput_run(args, data)
+    out["peak_rss_mb"] = peak_rss_mb()
+    return out
+
+
+def mlp_reference(args, data) -> dict:
+    from torch.utils.data import DataLoader, TensorDataset
+
+    torch.manual_seed(args.seed)
+    train_x = data.train.to_float(data.train.images)  # (50000, 1, 28, 28) float32
+    x_test = data.test.to_float(data.test.images)
+    model = ReferenceVAE()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    loader = DataLoader(TensorDataset(train_x), batch_size=args.batch, shuffle=True)
+    shadow = ReferenceVAE()  # scores the weight copies
+    encode, decode = (lambda x: shadow.encode(x.view(-1, 784))), shadow.logits
+    clock = Clock()
+    watch = TargetWatch(clock, x_test, args.target, args.check_every, shadow, encode, decode)
+    step = images = 0
+    for _epoch in range(args.epochs):
+        clock.start()
+        model.train()
+        train_loss = 0.0
+        for (x,) in loader:
+            optimizer.zero_grad()
+            recon_batch, mu, logvar = model(x)
+            loss = loss_function(recon_batch, x, mu, logvar)
+            loss.backward()
+            train_loss += loss.item()
+            optimizer.step()
+            step += 1
+            images += len(x)
+            watch.snapshot(step, model)
+        clock.stop()
+        watch.resolve()
+    model.eval()
+    encode, decode = (lambda x: model.encode(x.view(-1, 784))), model.logits
+    return {
+        "images": images,
+        "train_s": clock.total,
+        "images_per_s": images / clock.total,
+        "test_elbo": test_elbo(encode, decode, x_test, seed=1),
+        "to_target": watch.reached,
+        "checks": watch.checks,
+    }
+
+
+class _Probe:
+    """fit() callback: the training clock (stopped for validation and the target checks)."""
+
+    def __init__(self, clock: Clock, watch: TargetWatch | None, warmup: int = 0) -> None:
+        self.clock, self.watch, self.warmup = clock, watch, warmup
+
+    def on_train_begin(self, st) -> None:
+        if self.warmup == 0:
+            self.clock.start()
+
+    def on_step_end(self, st) -> None:
+        if st.step == self.warmup:
+            self.clock.start()
+        if self.watch is not None:
+            self.watch.snapshot(st.step, st.model)
+        if st.batch == st.steps_per_epoch or st.step == st.total_steps:
+            self.clock.stop()  # epoch-end validation and checkpoint follow
+
+    def on_epoch_end(self, st, records) -> None:
+        if self.watch is not None:
+            self.watch.resolve()
+        if st.step < st.total_steps:
+            self.clock.start()
+
+    def on_train_end(self, st, result) -> None:
+        self.clock.stop()
+        if self.watch is not None:
+            self.watch.resolve()
+
+
+def _mu_logvar(model, x):
+    q = model.encode(x)
+    return q.mu, q.logvar
+
+
+def mlp_vaelab(args, data) -> dict:
+    from vaelab import fit
+    from vaelab.model import build_model
+
+    cfg = vaelab_config(args, "mlp", [f"train.epochs={args.epochs}"])
+    x_test = data.test.to_float(data.test.images)
+    clock = Clock()
+    shadow = build_model(cfg.model, data.info.shape)  # scores the weight copies
+    watch = TargetWatch(
+        clock, x_test, args.target, args.check_every, shadow,
+        lambda x: _mu_logvar(shadow, x), shadow.decoder,
+    )  # fmt: skip
+    result = fit(cfg, data=data, out_dir=None, progress=False, callbacks=[_Probe(clock, watch)])
+    model = result.model.eval()
+    images = len(data.train) * args.epochs  # every epoch sees every image (last batch partial)
+    return {
+        "images": images,
+        "train_s": clock.total,
+        "images_per_s": images / clock.total,
+        "fit_images_per_s": result.summary["images_per_s"],
+        "test_elbo": test_elbo(lambda x: _mu_logvar(model, x), model.decoder, x_test, seed=1),
+        "to_target": watch.reached,
+        "checks": watch.checks,
+    }
+
+
+def throughput_run(args, data) -> dict:
+    """conv/dcgan: images/s over ``args.steps`` steps after ``args.warmup`` untimed ones."""
+    from vaelab import fit
+    from vaelab.model import build_model
+
+    total = args.warmup + args.steps
+    clock = Clock()
+    if args.worker == "vaelab":
+        cfg = vaelab_config(args, args.arch, [f"train.max_steps={total}"])
+        fit(
+            cfg,
+            data=data,
+            out_dir=None,
+            progress=False,
+            callbacks=[_Probe(clock, None, args.warmup)],
+        )
+    else:
+        from torch.utils.data import DataLoader, TensorDataset
+
+        cfg = vaelab_config(args, args.arch, [])
+        torch.manual_seed(args.seed)
+        model = ReferenceOf(build_model(cfg.model, data.info.shape))
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        train_x = data.train.to_float(data.train.images)
+        loader = DataLoader(TensorDataset(train_x), batch_size=args.batch, shuffle=True)
+        model.train()
+        step = 0
+        for (x,) in loader:
+            optimizer.zero_grad()
+            recon_batch, mu, logvar = model(x)
+            loss = loss_function(recon_batch, x, mu, logvar)
+            loss.backward()
+            _ = loss.item()
+            optimizer.step()
+            step += 1
+            if step == args.warmup:
+                clock.start()
+            if step == total:
+                break
+        clock.stop()
+    images = args.steps * args.batch
+    return {"images": images, "train_s": clock.total, "images_per_s": images / clock.total}
+
+
+# ------------------------------------------------------------------------------ the matmul cap
+
+
+def matmul_cap(arch: str, shape, batch: int, reps: int = 5) -> dict:
+    """Seconds of the matrix products of one training step of vaelab's ``arch`` network, each
+    product timed alone (best of ``reps`` runs of a loop). Returns ``step_s`` (the products a
+    step computes) and ``issue_s`` (plus the first layer's input gradient)."""
+    from vaelab.config import ModelConfig
+    from vaelab.model import build_model
+
+    mcfg = ModelConfig(arch=arch, hidden=(400,) if arch == "mlp" else (), latent_dim=20)
+    model = build_model(mcfg, shape)
+    layers: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
+
+    def hook(m, inp, out):
+        layers.append((m, inp[0].detach().clone(), torch.randn_like(out)))
+
+    kinds = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
+    x = torch.rand(batch, *shape)
+    q = model.encode(x)
+    model.decode(q.mu)
+    for h in handles:
+        h.remove()
+    first = layers[0][0]
+
+    def products(with_first_input: bool):
+        ops = []
+        for m, inp, g in layers:
+            need_input = with_first_input or m is not first
+            w = m.weight.detach()
+            if isinstance(m, nn.Linear):
+                inp2 = inp.reshape(-1, m.in_features)
+                g2 = g.reshape(-1, m.out_features)
+                b = m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
+                ops.append(lambda b=b, i=inp2, w=w: torch.addmm(b, i, w.t()))
+                ops.append(lambda g=g2, i=inp2: torch.mm(g.t(), i))
+                if need_input:
+                    ops.append(lambda g=g2, w=w: torch.mm(g, w))
+            else:
+                transposed = isinstance(m, nn.ConvTranspose2d)
+                fwd = F.conv_transpose2d if transposed else F.conv2d
+                kw = dict(stride=m.stride, padding=m.padding, dilation=m.dilation, groups=m.groups)
+                if transposed:
+                    kw["output_padding"] = m.output_padding
+                ops.append(lambda i=inp, w=w, kw=kw, f=fwd: f(i, w, None, **kw))
+                out_pad = list(m.output_padding) if transposed else [0, 0]
+                ops.append(
+                    lambda g=g, i=inp, w=w, m=m, n=need_input, t=transposed, op=out_pad: (
+                        torch.ops.aten.convolution_backward(
+                            g,
+                            i,
+                            w,
+                            None,
+                            list(m.stride),
+                            list(m.padding),
+                            list(m.dilation),
+                            t,
+                            op,
+                            m.groups,
+                            [n, True, False],
+                        )
+                    )
+                )
+        return ops
+
+    def best_time(ops) -> float:
+        for f in ops:
+            f()
+        t = time.perf_counter()
+        for f in ops:
+            f()
+        once = time.perf_counter() - t
+        loops = max(3, int(0.1 / max(once, 1e-6)))
+        best = float("inf")
+        for _ in range(reps):
+            t = time.perf_counter()
+            for _ in range(loops):
+                for f in ops:
+                    f()
+            best = min(best, (time.perf_counter() - t) / loops)
+        return best
+
+    step_ops, issue_ops = products(False), products(True)
+    return {
+        "step_s": best_time(step_ops),
+        "issue_s": best_time(issue_ops),
+        "products": len(step_ops),
+    }
+
+
+# ------------------------------------------------------------------------------ the driver
+
+
+def spawn(args, contender: str, shape: str) -> dict:
+    cmd = [
+        sys.executable, __file__, "--worker", contender, "--shape", shape, "--arch", args.arch,
+        "--epochs", str(args.epochs), "--batch", str(args.batch), "--threads", str(args.threads),
+        "--target", str(args.target), "--check-every", str(args.check_every),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed),
+    ]  # fmt: skip
+    if args.data_dir:
+        cmd += ["--data-dir", args.data_dir]
+    if args.vaelab_set:
+        cmd += ["--vaelab-set", *args.vaelab_set]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{contender} worker failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def cpu_model() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def med(xs):
+    xs = [x for x in xs if x is not None]
+    return statistics.median(xs) if xs else None
+
+
+def fmt(x, spec: str, none: str = "-") -> str:
+    return none if x is None else format(x, spec)
+
+
+def main() -> None:
+    args = parse_args()
+    if args.worker:
+        print(json.dumps(run_worker(args)))
+        return
+    torch.set_num_threads(args.threads)
+    shapes = ["mnist"] if args.arch == "mlp" else ["mnist", "3x64x64"]
+    contenders = [args.only] if args.only else list(CONTENDERS)
+    header = {
+        "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "cpu": cpu_model(),
+        "cores": os.cpu_count(),
+        "threads": args.threads,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
+    }
+    what = (
+        f"{args.epochs} epochs of MNIST"
+        if args.arch == "mlp"
+        else f"{args.steps} timed steps after {args.warmup}"
+    )
+    print(
+        f"bench_train: arch {args.arch}, batch {args.batch}, {what}, {args.rounds} rounds, "
+        f"{args.threads} threads"
+    )
+    print(
+        f"{header['date']}; {header['cpu']}, {header['cores']} cores ({header['cpu_capability']}); "
+        f"torch {header['torch']}, python {header['python']}"
+    )
+    if args.vaelab_set:
+        print(f"vaelab overrides: {' '.join(args.vaelab_set)}")
+    report = {"header": header, "shapes": {}}
+    for shape in shapes:
+        img_shape = (1, 28, 28) if shape == "mnist" else tuple(int(s) for s in shape.split("x"))
+        rows, caps = [], []
+        print(f"\n[{shape} {'x'.join(map(str, img_shape))}]")
+        print(
+            f"{'round':>5} {'contender':>10} {'load1':>6} {'img/s':>8} {'cap share':>9} "
+            f"{'test ELBO':>10} {'s to ' + format(args.target, 'g'):>9} {'peak MB':>8}"
+        )
+        for r in range(args.rounds):
+            for c in contenders:
+                cap = matmul_cap(args.arch, img_shape, args.batch)
+                load1 = os.getloadavg()[0]
+                res = spawn(args, c, shape)
+                cap_after = matmul_cap(args.arch, img_shape, args.batch)
+                cap_s = min(cap["step_s"], cap_after["step_s"])
+                caps.append(
+                    {**cap, "step_s": cap_s, "issue_s": min(cap["issue_s"], cap_after["issue_s"])}
+                )
+                share = res["images_per_s"] / (args.batch / cap_s)
+                row = {
+                    "round": r + 1,
+                    "contender": c,
+                    "load1": load1,
+                    "cap_s": cap_s,
+                    "share": share,
+                    **res,
+                }
+                rows.append(row)
+                tt = res.get("to_target")
+                print(
+                    f"{r + 1:>5} {c:>10} {load1:>6.2f} {res['images_per_s']:>8.0f} "
+                    f"{share:>9.1%} {fmt(res.get('test_elbo'), '.2f'):>10} "
+                    f"{fmt(tt and tt['seconds'], '.2f', 'not met' if 'to_target' in res else '-'):>9} "
+                    f"{res['peak_rss_mb']:>8.0f}",
+                    flush=True,
+                )
+        cap_med = med([c["step_s"] for c in caps])
+        issue_med = med([c["issue_s"] for c in caps])
+        print(
+            f"matmul cap: {caps[0]['products']} products of one step take {cap_med * 1e3:.2f} ms "
+            f"(median of the best before/after each run) -> {args.batch / cap_med:,.0f} images/s; "
+            f"with the first layer's input gradient (the issue's count) {issue_med * 1e3:.2f} ms"
+        )
+        summary = {}
+        for c in contenders:
+            rs = [x for x in rows if x["contender"] == c]
+            tts = [x["to_target"]["seconds"] for x in rs if x.get("to_target")]
+            summary[c] = {
+                "images_per_s": med([x["images_per_s"] for x in rs]),
+                "share": med([x["share"] for x in rs]),
+                "test_elbo": med([x.get("test_elbo") for x in rs]),
+                "test_elbo_all": [x.get("test_elbo") for x in rs],
+                "seconds_to_target": med(tts) if len(tts) == len(rs) else None,
+                "peak_rss_mb": max(x["peak_rss_mb"] for x in rs),
+            }
+            s = summary[c]
+            elbos = ", ".join(fmt(e, ".2f") for e in s["test_elbo_all"])
+            print(
+                f"median {c:>10}: {s['images_per_s']:,.0f} img/s, {s['share']:.1%} of the cap"
+                + (f", test ELBO {s['test_elbo']:.2f} ({elbos})" if s["test_elbo"] else "")
+                + (
+                    f", {s['seconds_to_target']:.2f} s to {args.target:g} nats"
+                    if s["seconds_to_target"]
+                    else ""
+                )
+                + f", peak {s['peak_rss_mb']:.0f} MB"
+            )
+        if len(contenders) == 2:
+            ratios = [b["images_per_s"] / a["images_per_s"] for a, b in zip(rows[0::2], rows[1::2])]
+            summary["ratio"] = med(ratios)
+            line = (
+                f"vaelab / reference images/s: {summary['ratio']:.2f}x "
+                f"(per round {', '.join(f'{x:.2f}' for x in ratios)})"
+            )
+            ta, tb = (
+                summary["reference"]["seconds_to_target"],
+                summary["vaelab"]["seconds_to_target"],
+            )
+            if ta and tb:
+                line += f"; time to {args.target:g} nats: vaelab / reference = {tb / ta:.2f}"
+            print(line)
+        report["shapes"][shape] = {"rows": rows, "caps": caps, "cap_s": cap_med, "summary": summary}
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()
