@@ -130,6 +130,7 @@ def evaluate(
     feature_net: Any = "lenet",
     max_images: int | None = None,
     probe_train_images: int | None = None,
+    workers: int | None = None,
     progress: bool = True,
 ) -> EvalReport:
     """Evaluate ``model`` on ``data`` (a :class:`vaelab.data.DataSplits`).
@@ -141,13 +142,15 @@ def evaluate(
             string; ``None`` runs :data:`~vaelab.metrics.DEFAULT_METRICS`, skipping (with a
             note) any the data cannot support, such as a probe on unlabeled data.
         batch_size: images per forward pass.
-        device: where to compute; ``None`` keeps the model's device (the model is moved).
+        device: where to compute (the model is moved there); ``None``: the model's device.
         seed: seeds every Monte Carlo draw and the binarization of dynamic data.
         data_dir: where the FD-LeNet feature network is cached (default: the data dir).
         feature_net: ``"lenet"``, ``"lenet:DATASET"``, ``"inception"``, ``"inception:PATH"`` or a
             :class:`~vaelab.metrics.features.FeatureNet`.
         max_images: evaluate only the first N images of the split.
         probe_train_images: fit the linear probe on the first N train images (default all).
+        workers: CPU threads for importance sampling (``None``: one per torch thread; see
+            :func:`~vaelab.metrics.likelihood.importance_sampled_log_likelihood`).
         progress: progress bars for the slow metrics.
 
     Returns:
@@ -172,6 +175,7 @@ def evaluate(
         max_images=max_images,
         progress=progress,
         probe_train_images=probe_train_images,
+        workers=workers,
         requested=explicit,
     )
     if ctx.n_images < 2:
