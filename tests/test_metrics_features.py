@@ -16,8 +16,17 @@ def digits():
     return load_dataset("digits")
 
 
-def test_lenet_is_trained_once_cached_and_verified(digits, tmp_path, monkeypatch):
-    net = feats.lenet_feature_net(digits, tmp_path, min_steps=300)
+@pytest.fixture
+def one_thread():
+    """Tiny convolutions run faster (and steadier on a busy machine) on one thread."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_lenet_is_trained_once_cached_and_verified(digits, tmp_path, monkeypatch, one_thread):
+    net = feats.lenet_feature_net(digits, tmp_path, min_steps=150)
     weights, meta = feats.lenet_paths(digits, tmp_path)
     assert weights.is_file() and weights.parent.name == "vaelab-features"
     facts = json.loads(meta.read_text())
@@ -101,7 +110,7 @@ def test_fid_inception_loads_a_pytorch_fid_state_dict(tmp_path):
         inception.load_fid_inception(tmp_path / "bad.pth")
 
 
-def test_fid_inception_features_shape():
+def test_fid_inception_features_shape(one_thread):
     net = inception.FIDInceptionV3().eval()
     with torch.inference_mode():
         assert net(torch.rand(1, 1, 28, 28)).shape == (1, 2048)
