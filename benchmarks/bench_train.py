@@ -74,7 +74,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--steps", type=int, default=None, help="conv/dcgan: timed steps per run (default 20)"
     )
     p.add_argument("--warmup", type=int, default=3, help="conv/dcgan: untimed first steps")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="round r uses seed + r (both contenders)")
     p.add_argument("--data-dir", default=None)
     p.add_argument(
         "--vaelab-set",
@@ -540,12 +540,12 @@ def matmul_cap(arch: str, shape, batch: int, reps: int = 5) -> dict:
 # ------------------------------------------------------------------------------ the driver
 
 
-def spawn(args, contender: str, shape: str) -> dict:
+def spawn(args, contender: str, shape: str, seed: int) -> dict:
     cmd = [
         sys.executable, __file__, "--worker", contender, "--shape", shape, "--arch", args.arch,
         "--epochs", str(args.epochs), "--batch", str(args.batch), "--threads", str(args.threads),
         "--target", str(args.target), "--check-every", str(args.check_every),
-        "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(args.seed),
+        "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(seed),
     ]  # fmt: skip
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
@@ -622,7 +622,7 @@ def main() -> None:
             for c in contenders:
                 cap = matmul_cap(args.arch, img_shape, args.batch)
                 load1 = os.getloadavg()[0]
-                res = spawn(args, c, shape)
+                res = spawn(args, c, shape, args.seed + r)  # both contenders: the same seed
                 cap_after = matmul_cap(args.arch, img_shape, args.batch)
                 cap_s = min(cap["step_s"], cap_after["step_s"])
                 caps.append(

@@ -360,6 +360,43 @@ def test_compiled_model_trains_and_saves(digits, tmp_path):
     assert_same_params(params(load_run(r.run_dir).model), params(r.model), atol=0)
 
 
+@pytest.mark.skipif(
+    not os.environ.get("VAELAB_TEST_COMPILE"),
+    reason="torch.compile takes ~1 min on CPU; set VAELAB_TEST_COMPILE=1",
+)
+def test_compiled_objective_follows_the_eager_run(digits):
+    """The compiled objective draws the same noise as the eager one, so 10 steps (a beta
+    warm-up changing beta every step, without recompiling) land on the same parameters up to
+    float rounding."""
+    over = ("train.max_steps=10", "objective.warmup=linear", "objective.warmup_steps=8")
+    eager = fit(tiny(*over), out_dir=None, data=digits, progress=False)
+    compiled = fit(tiny(*over, "train.compile=true"), out_dir=None, data=digits, progress=False)
+    assert_same_params(params(compiled.model), params(eager.model), atol=1e-5)
+
+
+def test_compile_failure_falls_back_to_eager_with_a_warning(digits, monkeypatch):
+    """Where torch.compile cannot run (no C++ compiler, an unsupported op), training goes on
+    eagerly with the same noise, so it matches a run that never asked for compiling."""
+    import vaelab.train as train_mod
+
+    def broken_compile(fn, **kw):
+        def call(*a, **k):
+            raise RuntimeError("no C++ compiler found")
+
+        return call
+
+    monkeypatch.setattr(train_mod.torch, "compile", broken_compile)
+    eager = fit(tiny("train.max_steps=6"), out_dir=None, data=digits, progress=False)
+    with pytest.warns(UserWarning, match="torch.compile failed .*no C\\+\\+ compiler"):
+        fell_back = fit(
+            tiny("train.max_steps=6", "train.compile=true"),
+            out_dir=None,
+            data=digits,
+            progress=False,
+        )
+    assert_same_params(params(fell_back.model), params(eager.model), atol=0)
+
+
 def test_step_record_across_an_epoch_boundary_means_its_own_steps(digits, tmp_path):
     """The record at step 25 (log_every=5) spans steps 21-22 of epoch 1 (64 and 53 images) and
     23-25 of epoch 2: each of its means is the image-weighted mean of those five steps, as the

@@ -75,8 +75,10 @@ def elbo(
         model: a :class:`vaelab.model.VAE`.
         x: (B, C, H, W) images in [0, 1].
         n_samples: L Monte Carlo samples of z per image (the reconstruction term is their mean).
-        beta: KL weight of the beta-VAE loss, -(log p(x|z) - beta KL) (Higgins et al. 2017).
-        capacity: if given, the loss is -log p(x|z) + gamma |KL - C| (Burgess et al. 2018), C in nats.
+        beta: KL weight of the beta-VAE loss, -(log p(x|z) - beta KL) (Higgins et al. 2017);
+            a float or a 0-d tensor (so that a compiled objective need not recompile for it).
+        capacity: if given, the loss is -log p(x|z) + gamma |KL - C| (Burgess et al. 2018), C in
+            nats (a float or a 0-d tensor).
         gamma: weight of the capacity term.
         free_bits: lambda of Kingma et al. (2016): each latent dimension's batch-mean KL enters
             the loss as max(lambda, KL_d) nats, so dimensions below lambda get no KL gradient.
@@ -106,7 +108,7 @@ def elbo(
     elif free_bits > 0:
         kl_term = torch.clamp(kl_per_dim.mean(0), min=free_bits).sum()
         loss = -log_px_z.mean() + beta * kl_term
-    elif beta == 1.0:  # the same number as below, with two fewer operations per step
+    elif not torch.is_tensor(beta) and beta == 1.0:  # as below, with two fewer operations
         loss = -elbo_value.mean()
     else:
         loss = -(log_px_z - beta * kl).mean()

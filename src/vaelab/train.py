@@ -60,7 +60,7 @@ from vaelab.config import Config, to_dict
 from vaelab.cpu import denormals_flushed
 from vaelab.devices import describe_hardware, pick_device
 from vaelab.model import VAE, build_model, count_parameters, save_model
-from vaelab.objectives import beta_schedule, compute_objective, elbo
+from vaelab.objectives import beta_schedule, capacity_schedule, compute_objective, elbo
 from vaelab.optim import FusedAdam
 
 SCHEDULES = ("none", "cosine", "plateau")
@@ -352,9 +352,15 @@ class _Loop:
             warnings.warn(
                 f"train.bf16 is for CUDA only; training in float32 on {device}", stacklevel=3
             )
-        if tc.compile:  # in place, so state_dict keys stay the same
+        # train.compile: the whole objective (networks, likelihood, KL, loss) as one graph for
+        # full batches, or (data-parallel, bf16) the encoder and decoder; in place either way,
+        # so state_dict keys stay the same.
+        self.compiled = None
+        if tc.compile and (dist is not None or tc.bf16):
             self.model.encoder.compile()
             self.model.decoder.compile()
+        elif tc.compile and cfg.objective.name in ("elbo", "iwae"):
+            self.compiled = _compile_objective(self.model, cfg.objective)
         info = data.info
         proper = self.model.likelihood.is_proper(info.value_kind)
         discrete = proper and info.value_kind in ("binary", "8bit")
@@ -500,7 +506,9 @@ class _Loop:
         tc, st, opt = self.cfg.train, self.st, self.optimizer
         step = st.step
         with self.autocast:
-            if self.dist is None:
+            if self.dist is None and self.compiled is not None and x.shape[0] == tc.batch_size:
+                out = self._compiled_objective(x, step)  # the last, smaller batch runs eagerly
+            elif self.dist is None:
                 out = compute_objective(
                     self.model, x, self.cfg.objective, step, st.total_steps, self.noise
                 )
@@ -539,6 +547,30 @@ class _Loop:
             self.images_seen += b
         st.step, st.batch = step + 1, st.batch + 1
         return gnorm
+
+    def _compiled_objective(self, x: torch.Tensor, step: int):
+        """compute_objective through the compiled graph. The noise is drawn here as the eager
+        objective draws it (same generator, shape and dtype), and beta and the capacity enter as
+        0-d tensors, so nothing recompiles as they change. If compiling fails (no C++ compiler,
+        an unsupported operation), training goes on without it, with a warning."""
+        oc, st = self.cfg.objective, self.st
+        n = oc.k if oc.name == "iwae" else oc.n_samples
+        eps = torch.randn(
+            (n, x.shape[0], self.model.latent_dim), generator=self.noise, device=x.device
+        )
+        cap = capacity_schedule(step, oc)
+        beta = torch.tensor(beta_schedule(step, oc, st.total_steps), device=x.device)
+        cap = None if cap is None else torch.tensor(cap, device=x.device)
+        try:
+            return self.compiled(x, eps, beta, cap)
+        except Exception as exc:  # torch.compile raises many kinds; all mean "not here"
+            warnings.warn(
+                f"train.compile: torch.compile failed ({type(exc).__name__}: {exc}); "
+                "training without it",
+                stacklevel=3,
+            )
+            self.compiled = None
+            return compute_objective(self.model, x, oc, step, st.total_steps, eps=eps)
 
     def _any(self, flag: bool) -> bool:
         return flag if self.dist is None else self.dist.any(flag)
@@ -848,6 +880,28 @@ def _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir, dist) 
 
 
 # ------------------------------------------------------------------------------ helpers
+
+
+def _compile_objective(model: VAE, oc) -> Callable:
+    """The ELBO or IWAE objective of ``oc`` as one torch.compile graph (fixed shapes), called
+    as ``f(x, eps, beta, capacity)`` with explicit noise and 0-d tensor weights."""
+    from vaelab.objectives import iwae
+
+    def objective(x, eps, beta, capacity):
+        if oc.name == "iwae":
+            return iwae(model, x, k=oc.k, eps=eps)
+        return elbo(
+            model,
+            x,
+            n_samples=oc.n_samples,
+            beta=beta,
+            capacity=capacity,
+            gamma=oc.capacity_gamma,
+            free_bits=oc.free_bits,
+            eps=eps,
+        )
+
+    return torch.compile(objective, dynamic=False)
 
 
 def _record(kind, split, st: TrainState, means, cfg, beta_step, optimizer) -> dict:
