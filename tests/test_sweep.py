@@ -75,7 +75,63 @@ def test_mini_sweep_writes_results(mini_sweep):
     assert [p.name for p in result.figures] == [
         "latent-samples_all.png",
         "latent-reconstructions_all.png",
+        "bound-curves_all.png",
     ]
+
+
+def test_restart_of_a_finished_sweep_draws_the_figures_again(mini_sweep):
+    base, out, result = mini_sweep
+    shutil.rmtree(result.path / "figures")
+    again = run_sweep(
+        base,
+        ["model.latent_dim=2,4"],
+        seeds=1,
+        out_dir=out,
+        eval_k=10,
+        metrics=["elbo", "loglik"],
+        progress=False,
+    )
+    assert {r["resumed_from"] for r in again.rows} == {"done"}
+    assert [p.name for p in again.figures] == [p.name for p in result.figures]
+    assert all(p.is_file() for p in again.figures)
+
+
+def test_every_grid_gets_bound_curves_per_setting_of_the_other_keys(tmp_path, monkeypatch):
+    """A grid without the latent size: one bound-curves figure per setting of the other keys,
+    labelled by the varying key, from the first seed's runs (run folders faked: no training)."""
+    import vaelab.viz.compare as compare
+    from vaelab.config import Config
+    from vaelab.runs import write_config
+    from vaelab.sweep import comparison_figures, varying_key
+
+    grid = parse_grid(["train.lr=0.001,0.003", "model.arch=mlp,conv"])
+    assert varying_key(grid) == "train.lr"
+    assert varying_key(parse_grid(["model.arch=mlp", "train.lr=1,2"])) == "train.lr"
+    assert varying_key(parse_grid(["train.lr=1", "model.latent_dim=2,3"])) == "model.latent_dim"
+    cells = expand_cells(grid, seeds=2)
+    epoch = {"kind": "epoch", "step": 10, "epoch": 1, "elbo": -100.0}
+    for c in cells:
+        (tmp_path / c.name).mkdir()
+        write_config(tmp_path / c.name, override(Config(), c.overrides), (1, 8, 8))
+        records = [{**epoch, "split": s} for s in ("train", "valid")]
+        (tmp_path / c.name / "metrics.jsonl").write_text(
+            "".join(json.dumps(r) + "\n" for r in records)
+        )
+    drawn = []
+    real = compare.bound_curves
+
+    def spy(runs, *, labels=None):
+        drawn.append(([r.name for r in runs], labels))
+        return real(runs, labels=labels)
+
+    monkeypatch.setattr(compare, "bound_curves", spy)
+    paths = comparison_figures(tmp_path, cells, grid)
+    assert [p.name for p in paths] == ["bound-curves_arch=mlp.png", "bound-curves_arch=conv.png"]
+    assert all(p.is_file() for p in paths)
+    assert drawn[0] == (
+        ["lr=0.001_arch=mlp_seed=0", "lr=0.003_arch=mlp_seed=0"],
+        ["lr = 0.001", "lr = 0.003"],
+    )
 
 
 def test_restart_skips_finished_and_resumes_interrupted(mini_sweep):

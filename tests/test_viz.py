@@ -102,8 +102,37 @@ def fake_metrics(ssim: bool = False) -> list[dict]:
     return recs
 
 
-def inputs_for(kind, model, model_z2, digits):
-    given = {"model": model, "data": digits, "metrics": fake_metrics(), "runs": [model_z2, model]}
+def write_run(path, metrics: list[dict], latent_dim: int = 2, batch_size: int = 100):
+    """A run folder with just config.json and metrics.jsonl (what the log figures read)."""
+    import json
+
+    from vaelab.config import Config, override
+    from vaelab.runs import write_config
+
+    path.mkdir(parents=True)
+    cfg = override(Config(), [f"model.latent_dim={latent_dim}", f"train.batch_size={batch_size}"])
+    write_config(path, cfg, (1, 8, 8))
+    (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in metrics))
+    return path
+
+
+@pytest.fixture(scope="session")
+def logged_runs(tmp_path_factory):
+    """Two run folders that differ in latent size and batch size, with four epochs each."""
+    root = tmp_path_factory.mktemp("logged")
+    return [
+        write_run(root / "a", fake_metrics(), latent_dim=2, batch_size=100),
+        write_run(root / "b", fake_metrics(), latent_dim=3, batch_size=50),
+    ]
+
+
+# Kinds drawn from the logs of saved runs rather than from models.
+LOGGED_RUN_KINDS = {"bound-curves"}
+
+
+def inputs_for(kind, model, model_z2, digits, logged_runs=()):
+    runs = list(logged_runs) if kind in LOGGED_RUN_KINDS else [model_z2, model]
+    given = {"model": model, "data": digits, "metrics": fake_metrics(), "runs": runs}
     return {k: given[k] for k in viz.figure_inputs(kind)}
 
 
@@ -141,8 +170,11 @@ def assert_not_blank(path, min_side: int = 150) -> Image.Image:
 
 
 @pytest.mark.parametrize("kind", viz.FIGURES.names())
-def test_every_figure_kind_saves_a_non_blank_image(kind, model, model_z2, digits, tmp_path):
-    fig = viz.render(kind, **inputs_for(kind, model, model_z2, digits), **FAST.get(kind, {}))
+def test_every_figure_kind_saves_a_non_blank_image(
+    kind, model, model_z2, digits, logged_runs, tmp_path
+):
+    inputs = inputs_for(kind, model, model_z2, digits, logged_runs)
+    fig = viz.render(kind, **inputs, **FAST.get(kind, {}))
     path = viz.save_figure(fig, tmp_path / f"{kind}{viz.output_suffix(kind)}")
     im = assert_not_blank(path)
     if kind == "traversal-animation":
@@ -280,6 +312,78 @@ def test_training_curves_panels_and_ssim(tmp_path):
     assert "SSIM per epoch (validation)" in titles
     with pytest.raises(ValueError, match="no training records"):
         viz.training_curves([])
+
+
+def test_bound_curves_plot_images_seen_per_run_and_split(logged_runs, tmp_path):
+    fig = viz.bound_curves(logged_runs)  # run folders
+    ax = fig.axes[0]
+    steps = np.array([40, 90, 140, 190], float)  # the epoch records of fake_metrics
+    labels = ["z = 2, batch_size = 100", "z = 3, batch_size = 50"]
+    lines = {line.get_label(): line for line in ax.lines}
+    assert sorted(lines) == sorted(
+        f"{lab} ({s})" for lab in labels for s in ("train", "validation")
+    )
+    for label, batch in zip(labels, (100, 50)):
+        train, valid = lines[f"{label} (train)"], lines[f"{label} (validation)"]
+        np.testing.assert_array_equal(train.get_xdata(), steps * batch)
+        np.testing.assert_array_equal(valid.get_xdata(), steps * batch)
+        assert (train.get_linestyle(), valid.get_linestyle()) == ("--", "-")
+        assert train.get_color() == valid.get_color()
+    assert lines[f"{labels[0]} (train)"].get_color() != lines[f"{labels[1]} (train)"].get_color()
+    legend = [t.get_text() for t in ax.get_legend().get_texts()]
+    assert legend == [*labels, "train", "validation"]
+    assert ax.get_xscale() == "log" and ax.get_ylabel() == "ELBO (nats / image)"
+    assert ax.get_title() == "Lower bound vs training images seen: digits"
+    assert_not_blank(viz.save_figure(fig, tmp_path / "bound.png"))
+    # Loaded runs and explicit labels; one run is labelled by its folder name.
+    from vaelab.runs import load_run
+
+    fig = viz.bound_curves([load_run(p) for p in logged_runs], labels=["small", "large"])
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][:2] == ["small", "large"]
+    fig = viz.bound_curves(logged_runs[:1])
+    assert fig.axes[0].get_legend().get_texts()[0].get_text() == "a"
+    with pytest.raises(ValueError, match="2 labels for 1 runs"):
+        viz.bound_curves(logged_runs[:1], labels=["x", "y"])
+
+
+def test_bound_curves_y_range_leaves_out_an_outlying_first_epoch(logged_runs, tmp_path):
+    ax = viz.bound_curves(logged_runs).axes[0]
+    assert ax.get_ylim()[0] < min(line.get_ydata().min() for line in ax.lines)
+    elbos = [-500.0, -100.0, -95.0, -92.0, -90.0]  # the first epoch far below the rest
+    records = [
+        {"kind": "epoch", "split": s, "step": 10 * (i + 1), "epoch": i + 1, "elbo": v}
+        for i, v in enumerate(elbos)
+        for s in ("train", "valid")
+    ]
+    ax = viz.bound_curves([write_run(tmp_path / "outlier", records)]).axes[0]
+    assert -500 < ax.get_ylim()[0] < -100 and ax.get_ylim()[1] > -90
+
+
+def test_bound_curves_errors_name_the_run(logged_runs, tmp_path):
+    steps_only = [r for r in fake_metrics() if r["kind"] == "step"]
+    bare = write_run(tmp_path / "no-epochs", steps_only)
+    with pytest.raises(ValueError, match=r"no-epochs: metrics.jsonl has no epoch records"):
+        viz.bound_curves([logged_runs[0], bare])
+    with pytest.raises(ValueError, match="run folders.*got a Linear"):
+        viz.bound_curves([torch.nn.Linear(2, 2)])  # a model has no log
+
+
+def test_plot_a_sweep_folder_draws_every_run(tmp_path, capsys):
+    from vaelab.cli import main
+    from vaelab.sweep import sweep_run_dirs
+
+    sweep = tmp_path / "sweep"
+    for z in (10, 2):  # natural order: latent_dim=2 before latent_dim=10
+        write_run(sweep / f"latent_dim={z}_seed=0", fake_metrics(), latent_dim=z)
+    assert main(["plot", str(sweep), "--kind", "bound-curves"]) == 0
+    out = sweep / "figures" / "bound-curves.png"
+    assert capsys.readouterr().out.strip() == str(out)
+    assert_not_blank(out)
+    fig = viz.bound_curves(sweep_run_dirs(sweep))
+    assert [t.get_text() for t in fig.axes[0].get_legend().get_texts()][:2] == ["z = 2", "z = 10"]
+    (tmp_path / "empty").mkdir()
+    assert main(["plot", str(tmp_path / "empty"), "--kind", "bound-curves"]) == 2
+    assert "no run folder" in capsys.readouterr().err
 
 
 # ------------------------------------------------------------------------------ pure pieces

@@ -291,7 +291,9 @@ def run_sweep(
         metrics: metric names for :func:`vaelab.evaluate.evaluate_run` (default: its defaults).
         eval_images: evaluate each cell on the first N test images only (quick sweeps).
         data_dir: the data directory.
-        figures: write the latent-size comparison figures when the grid varies the latent size.
+        figures: write the comparison figures (:func:`comparison_figures`): the bound curves
+            for every sweep, the latent-size grids when the grid varies the latent size. They
+            are drawn again on a restart, even when every cell was finished.
     """
     parsed = parse_grid(grid)
     cells = expand_cells(parsed, seeds, base.seed)
@@ -361,30 +363,77 @@ def run_sweep(
     return result
 
 
+def varying_key(grid) -> str | None:
+    """The grid key the comparison figures vary within one figure: the latent size when the
+    grid has it, else the first key with more than one value (else the first key; None for an
+    empty grid)."""
+    keys = [k for k, _ in grid]
+    if "model.latent_dim" in keys:
+        return "model.latent_dim"
+    several = [k for k, values in grid if len(values) > 1]
+    return (several or keys or [None])[0]
+
+
 def comparison_figures(sweep_dir: Path, cells: list[Cell], grid, *, data_dir=None) -> list[Path]:
-    """Latent-size comparison grids (Astorga et al. Figs. 1 and 4) for each setting of the other
-    grid keys, from the first seed's runs; nothing when the grid does not vary the latent size."""
-    if not any(k == "model.latent_dim" for k, _ in grid):
-        return []
+    """Figures comparing the grid points, from the first seed's runs, one set for each setting
+    of the grid keys other than :func:`varying_key` (file tag: that setting, or ``all``):
+
+    - ``bound-curves_<tag>.png`` for every sweep: the lower bound against training images seen
+      (Kingma & Welling Fig. 2), one curve per value of the varying key, labelled with it;
+    - ``latent-samples_<tag>.png`` and ``latent-reconstructions_<tag>.png`` (Astorga et al.
+      Figs. 1 and 4) when the grid varies the latent size.
+
+    Only the run folders are read, so a restarted sweep whose cells are all finished draws them
+    again."""
     from vaelab.runs import load_run
     from vaelab.viz import save_figure
-    from vaelab.viz.compare import latent_comparison
+    from vaelab.viz.compare import bound_curves, latent_comparison, setting_label
 
+    key = varying_key(grid)
     first_seed = min(c.seed for c in cells)
     groups: dict[tuple, list[Cell]] = {}
     for c in cells:
         if c.seed == first_seed:
-            rest = tuple((k, v) for k, v in c.point if k != "model.latent_dim")
+            rest = tuple((k, v) for k, v in c.point if k != key)
             groups.setdefault(rest, []).append(c)
     out = []
     for rest, group in groups.items():
         runs = [load_run(sweep_dir / c.name) for c in group]
-        data = runs[0].data(data_dir)
         tag = _slug("_".join(f"{k.split('.')[-1]}={v}" for k, v in rest)) or "all"
-        for mode in ("samples", "reconstructions"):
-            fig = latent_comparison(runs, data, mode=mode)
-            out.append(save_figure(fig, sweep_dir / "figures" / f"latent-{mode}_{tag}.png"))
+        if key == "model.latent_dim":
+            data = runs[0].data(data_dir)
+            for mode in ("samples", "reconstructions"):
+                fig = latent_comparison(runs, data, mode=mode)
+                out.append(save_figure(fig, sweep_dir / "figures" / f"latent-{mode}_{tag}.png"))
+        labels = None if key is None else [setting_label(key, dict(c.point)[key]) for c in group]
+        fig = bound_curves(runs, labels=labels)
+        out.append(save_figure(fig, sweep_dir / "figures" / f"bound-curves_{tag}.png"))
     return out
+
+
+def _natural_key(name: str) -> list:
+    return [int(t) if t.isdigit() else t for t in re.split(r"(\d+)", name)]
+
+
+def sweep_run_dirs(sweep_dir: str | os.PathLike) -> list[Path]:
+    """The run folders (those holding ``config.json``) directly inside ``sweep_dir``, in natural
+    order of their names (``latent_dim=2`` before ``latent_dim=10``)."""
+    sweep_dir = Path(sweep_dir)
+    if not sweep_dir.is_dir():
+        raise FileNotFoundError(f"no sweep folder at {sweep_dir}")
+    dirs = [p for p in sweep_dir.iterdir() if (p / "config.json").is_file()]
+    if not dirs:
+        raise FileNotFoundError(f"no run folders in {sweep_dir} (a run folder holds config.json)")
+    return sorted(dirs, key=lambda p: _natural_key(p.name))
+
+
+def is_sweep_dir(path: str | os.PathLike) -> bool:
+    """True for a folder that is not itself a run folder but holds run folders (a sweep, or
+    ``runs/``)."""
+    path = Path(path)
+    if not path.is_dir() or (path / "config.json").is_file():
+        return False
+    return any((p / "config.json").is_file() for p in path.iterdir())
 
 
 class _NoBar:

@@ -1,4 +1,5 @@
-"""``vaelab plot RUN [RUN ...] --kind KIND [options]``: one figure of a run (or of a sweep)."""
+"""``vaelab plot RUN [RUN ...] --kind KIND [options]``: one figure of a run (or of several runs,
+or of every run of a sweep folder)."""
 
 from __future__ import annotations
 
@@ -13,13 +14,24 @@ def register(subparsers) -> None:
         "plot",
         help="draw one figure of a run (reconstructions, manifold, traversal, ...)",
         description="Draw figure KIND of a run into RUN/figures/KIND.png (.gif for "
-        "traversal-animation). Several runs make a sweep figure (--kind latent-comparison, "
-        "needs --out). 'vaelab list figures' shows the kinds; an option a kind does not take "
-        "is an error that lists the ones it does.",
+        "traversal-animation). Several runs make a figure of several runs (--kind "
+        "latent-comparison or bound-curves; needs --out). A sweep folder (any folder of run "
+        "folders) draws every run in it into SWEEP/figures/KIND.png, e.g. 'vaelab plot "
+        "sweeps/zdim --kind bound-curves' (the lower bound against training images seen, "
+        "legend labels from what differs between the runs, or -o \"labels=['a', 'b']\"). "
+        "'vaelab list figures' shows the kinds; an option a kind does not take is an error "
+        "that lists the ones it does.",
     )
-    p.add_argument("runs", nargs="+", metavar="RUN", help="a run folder, or NAME under ./runs")
+    p.add_argument(
+        "runs",
+        nargs="+",
+        metavar="RUN",
+        help="a run folder, NAME under ./runs, or one sweep folder (all the runs in it)",
+    )
     p.add_argument("--kind", required=True, help="the figure, e.g. manifold or latent-scatter")
-    p.add_argument("--out", metavar="FILE", help="output file (default: RUN/figures/KIND.png)")
+    p.add_argument(
+        "--out", metavar="FILE", help="output file (default: RUN/ or SWEEP/figures/KIND.png)"
+    )
     p.add_argument("--n", type=int, help="how many images / grid size / rows")
     p.add_argument("--temperature", type=_floats, help="prior temperature(s), e.g. 0.7 or 0.5,1")
     p.add_argument("--dims", type=_ints, help="latent dimensions, e.g. 0,3")
@@ -66,10 +78,13 @@ def options(args: argparse.Namespace) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    from vaelab.viz import plot_run, plot_runs
+    from vaelab.sweep import is_sweep_dir
+    from vaelab.viz import plot_run, plot_runs, plot_sweep
 
     opts = options(args)
-    if len(args.runs) > 1:
+    if len(args.runs) == 1 and is_sweep_dir(args.runs[0]):
+        path = plot_sweep(args.runs[0], args.kind, out=args.out, data_dir=args.data_dir, **opts)
+    elif len(args.runs) > 1:
         if args.out is None:
             raise ValueError("a figure of several runs needs --out FILE")
         path = plot_runs(args.runs, args.kind, out=args.out, data_dir=args.data_dir, **opts)

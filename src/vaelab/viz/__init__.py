@@ -7,6 +7,7 @@ Importing this package imports matplotlib (Agg canvases only; ``import vaelab`` 
     fig = render("manifold", model=model, data=data, n=20)
     save_figure(fig, "manifold.png")
     plot_run("runs/quickstart", "latent-scatter", method="tsne")
+    plot_sweep("sweeps/zdim", "bound-curves")   # every run folder of a sweep, one figure
 """
 
 # Importing the figure modules registers them in FIGURES.
@@ -26,6 +27,7 @@ from vaelab.viz.api import (
     applicable_figures,
     plot_run,
     plot_runs,
+    plot_sweep,
     render,
     save_default_figures,
 )
@@ -45,7 +47,7 @@ from vaelab.viz.base import (
     save_figure,
     tile,
 )
-from vaelab.viz.compare import latent_comparison
+from vaelab.viz.compare import bound_curves, latent_comparison
 from vaelab.viz.curves import training_curves
 from vaelab.viz.interpolations import interpolation, lerp, slerp
 from vaelab.viz.latent import kl_per_dimension, latent_scatter, project
@@ -61,6 +63,7 @@ __all__ = [
     "AttributeDirection",
     "applicable_figures",
     "binary_attributes",
+    "bound_curves",
     "figure_inputs",
     "figure_options",
     "find_direction",
@@ -77,6 +80,7 @@ __all__ = [
     "output_suffix",
     "plot_run",
     "plot_runs",
+    "plot_sweep",
     "probe_attributes",
     "project",
     "reconstructions",

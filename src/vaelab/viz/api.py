@@ -1,5 +1,6 @@
 """Figures by name: :func:`render` one kind from in-memory inputs, :func:`plot_run` one kind of
-a saved run to a file, :func:`plot_runs` a sweep figure, and :func:`save_default_figures`, the
+a saved run to a file, :func:`plot_runs` a figure of several runs, :func:`plot_sweep` one of
+every run of a sweep folder, and :func:`save_default_figures`, the
 quick pair that ``fit()`` writes at the end of a run."""
 
 from __future__ import annotations
@@ -128,6 +129,25 @@ def plot_runs(
     if data is None and needs_data:
         data = runs[0].data(data_dir)
     return save_figure(render(kind, runs=runs, data=data, **options), out)
+
+
+def plot_sweep(
+    sweep_dir: str | os.PathLike,
+    kind: str = "bound-curves",
+    *,
+    out: str | os.PathLike | None = None,
+    data_dir: str | os.PathLike | None = None,
+    **options,
+) -> Path:
+    """Draw a figure of several runs from every run folder in ``sweep_dir`` (see
+    :func:`vaelab.sweep.sweep_run_dirs`; all seeds), to ``out``, by default
+    ``<sweep_dir>/figures/<kind>.png``."""
+    from vaelab.sweep import sweep_run_dirs
+
+    runs = sweep_run_dirs(sweep_dir)
+    if out is None:
+        out = Path(sweep_dir) / "figures" / f"{kind}{output_suffix(kind)}"
+    return plot_runs(runs, kind, out=out, data_dir=data_dir, **options)
 
 
 def save_default_figures(model, data, out_dir: str | os.PathLike) -> list[Path]:
