@@ -23,6 +23,11 @@ process does, so that N processes train exactly as one process with the same bat
 * Checkpoints hold global state only, so a checkpoint written by N processes resumes in one
   and the other way round.
 
+Evaluation joins the group the same way (``vaelab eval RUN --nproc N``, or
+:func:`vaelab.evaluate.evaluate` under torchrun): each process scores its slice of every
+batch and the per-image results and sufficient statistics are gathered or summed, so the
+report equals one process's; see :mod:`vaelab.evaluate`.
+
 Not identical to one process: dropout masks (each process draws its own), BatchNorm batch
 statistics on the CPU (per process; on CUDA BatchNorm becomes SyncBatchNorm), and the free-bits
 loss, whose batch-mean KL per dimension is taken per process.
@@ -123,7 +128,10 @@ class Distributed:
             return None, device
         rank, local_rank, world_size = world
         if device.type == "mps":
-            raise ValueError("distributed training does not support MPS; use train.device=cpu")
+            raise ValueError(
+                "torch.distributed does not support MPS; run on the CPU "
+                "(train.device=cpu, or vaelab eval --device cpu)"
+            )
         if device.type == "cuda":
             device = torch.device("cuda", local_rank)
             torch.cuda.set_device(device)
@@ -206,6 +214,34 @@ class Distributed:
             else:
                 t.zero_()
         return totals
+
+    def sum_cpu_(self, *tensors: torch.Tensor) -> None:
+        """Sum CPU ``tensors`` over the processes, in place, in one float64 exchange through
+        the CPU group (evaluation's sufficient statistics; no device round trip under nccl)."""
+        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        dist.all_reduce(flat, group=self.cpu_group)
+        with torch.inference_mode():  # metrics' statistics may be inference tensors
+            for t, total in zip(tensors, flat.split([t.numel() for t in tensors])):
+                t.copy_(total.view_as(t))
+
+    def gather_rows(self, index: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Every process's rows of ``tensors``, in global order, on every process (CPU).
+
+        ``index`` (n,) holds the global positions of this process's n rows; over all the
+        processes the positions must be 0..N-1, each once. Used for per-image evaluation
+        results, so means and standard errors are computed on the same (N,) tensors, in the
+        same order, as in one process.
+        """
+        mine = (index.cpu(), [t.detach().cpu() for t in tensors])
+        parts: list[Any] = [None] * self.world_size
+        dist.all_gather_object(parts, mine, group=self.cpu_group)
+        idx = torch.cat([p[0] for p in parts])
+        order = torch.argsort(idx)
+        if not torch.equal(idx[order], torch.arange(idx.numel())):
+            raise RuntimeError(
+                f"the processes' rows do not cover positions 0..{idx.numel() - 1} exactly once"
+            )
+        return [torch.cat([p[1][i] for p in parts])[order] for i in range(len(tensors))]
 
     # ---------------------------------------------------------------------- batches
 
@@ -331,13 +367,14 @@ def announce_run_dir(run_dir: Path | None) -> None:
 # ------------------------------------------------------------------------------ launching
 
 
-def launch(nproc: int, command: Sequence[str]) -> int:
+def launch(nproc: int, command: Sequence[str], what: str = "training") -> int:
     """Run ``command`` on ``nproc`` processes of this machine through torchrun, in this process
     (``python -m torch.distributed.run --standalone --nproc-per-node N COMMAND``).
 
-    ``command`` is ``["-m", "vaelab", "train", ...]`` or ``[script.py, args...]``. Returns 0;
-    1 after printing which ranks failed, how, and the run's last checkpoint; or 128 + N after
-    signal N (the processes save a checkpoint first, as a single process does).
+    ``command`` is ``["-m", "vaelab", "train", ...]``, ``["-m", "vaelab", "eval", ...]`` or
+    ``[script.py, args...]``; ``what`` names the job in failure messages. Returns 0; 1 after
+    printing which ranks failed, how, and a training run's last checkpoint; or 128 + N after
+    signal N (training processes save a checkpoint first, as a single process does).
     """
     import tempfile
 
@@ -363,7 +400,7 @@ def launch(nproc: int, command: Sequence[str]) -> int:
             run(args)
             return 0
         except ChildFailedError as exc:
-            print(_failure_report(exc, nproc, info), file=sys.stderr)
+            print(_failure_report(exc, nproc, info, what), file=sys.stderr)
             return 1
         except SignalException as exc:  # torchrun passed the signal on and waited for them
             note = f"; {_checkpoint_note(_run_dir(info))}" if info.is_file() else ""
@@ -376,9 +413,9 @@ def launch(nproc: int, command: Sequence[str]) -> int:
                 signal.signal(s, h)
 
 
-def _failure_report(exc, nproc: int, info: Path) -> str:
+def _failure_report(exc, nproc: int, info: Path, what: str = "training") -> str:
     first, _ = exc.get_first_failure()
-    lines = [f"vaelab: error: distributed training on {nproc} processes failed:"]
+    lines = [f"vaelab: error: distributed {what} on {nproc} processes failed:"]
     for rank in sorted(exc.failures):
         f = exc.failures[rank]
         how = (

@@ -12,6 +12,29 @@ Evaluation never looks at the training objective, so a beta = 4 run compares wit
 Dynamically binarized data are binarized once per evaluation: the 0/1 draw of each image is
 seeded by ``seed`` (and its read batch), so every metric sees the same binary images and a
 rerun with the same seed reproduces them.
+
+Several processes (``torchrun --nproc-per-node N -m vaelab eval RUN``, ``vaelab eval RUN
+--nproc N``, or :func:`evaluate` called under torchrun): the processes join torchrun's group
+(gloo on the CPU, nccl on CUDA, one GPU per local rank; see :mod:`vaelab.distributed`), every
+process reads the same batches of the split and scores its contiguous slice of each, and the
+report every process returns equals one process's up to float rounding:
+
+* ``elbo``, ``loglik``, ``reconstruction``: per-image values are gathered in split order, so
+  means and standard errors are computed as in one process. The ELBO's z noise is drawn whole
+  for each batch by every process, which keeps its slice; importance sampling splits each
+  batch by whole chunks, whose draws are seeded by their global index.
+* ``fd``: count, sum and sum of outer products of the features are summed across processes;
+  prior samples come from one shared draw per batch. Rank 0 first trains (or downloads) and
+  caches the feature network, then the others load it.
+* ``active-units``: sums of E_q[z] and of its outer products, summed across processes.
+* ``probe``: latent means encoded in slices and gathered; rank 0 alone fits the
+  logistic regression and hands its result to the others.
+* ``params``: counted by every process (no data, no exchange).
+
+:func:`evaluate_run` has rank 0 load (and if needed download) the data first, and write
+``eval.json`` alone. A process-group timeout (``$VAELAB_DIST_TIMEOUT_S``, default 600 s) also
+bounds how long the others wait for rank 0's probe or feature network. One process (or
+``distributed=False``) never touches torch.distributed.
 """
 
 from __future__ import annotations
@@ -40,6 +63,7 @@ class EvalReport:
         entries: the labelled numbers, in metric order.
         dataset: the data's name (``DataInfo.name``), e.g. ``"mnist-dynamic"``.
         split, n_images, k, seed: as evaluated.
+        processes: how many processes shared the work (torchrun's world size; 1 without).
         binarization: how the evaluated images were binarized, in words.
         likelihood: the decoder likelihood's registered class name; ``likelihood_proper``
             whether it is a proper density or mass on this data.
@@ -62,6 +86,7 @@ class EvalReport:
     created: str = ""
     versions: dict[str, str] = field(default_factory=dict)
     run: str | None = None
+    processes: int = 1
 
     def get(self, name: str) -> Entry:
         """The entry called ``name``; a ValueError lists the names there are."""
@@ -132,6 +157,7 @@ def evaluate(
     probe_train_images: int | None = None,
     workers: int | None = None,
     progress: bool = True,
+    distributed: bool = True,
 ) -> EvalReport:
     """Evaluate ``model`` on ``data`` (a :class:`vaelab.data.DataSplits`).
 
@@ -151,36 +177,59 @@ def evaluate(
         probe_train_images: fit the linear probe on the first N train images (default all).
         workers: CPU threads for importance sampling (``None``: one per torch thread; see
             :func:`~vaelab.metrics.likelihood.importance_sampled_log_likelihood`).
-        progress: progress bars for the slow metrics.
+        progress: progress bars for the slow metrics (rank 0's only, under torchrun).
+        distributed: under torchrun, share the work with the other processes, which must all
+            call :func:`evaluate` too (a collective). ``False``: evaluate everything in this
+            process, e.g. on rank 0 alone of a training job.
 
     Returns:
-        :class:`EvalReport`.
+        :class:`EvalReport`; under torchrun every process returns the same numbers, which
+        equal one process's up to float rounding (see the module docstring).
     """
+    from vaelab.distributed import Distributed
+
     if k < 1:
         raise ValueError(f"k must be >= 1, got {k}")
     if max_images is not None and max_images < 2:
         raise ValueError(f"max_images must be >= 2, got {max_images}")
     names, explicit = _metric_names(metrics)
     device = model.device if device is None else torch.device(device)
-    ctx = EvalContext(
-        model=model.to(device),
-        data=data,
-        split=split,
-        k=k,
-        seed=seed,
-        batch_size=batch_size,
-        device=device,
-        data_dir=None if data_dir is None else Path(data_dir),
-        feature_net=feature_net,
-        max_images=max_images,
-        progress=progress,
-        probe_train_images=probe_train_images,
-        workers=workers,
-        requested=explicit,
-    )
+    # under torchrun: join the group (nothing is joined in one process, or with distributed=False)
+    dist, device = Distributed.setup(device) if distributed else (None, device)
+    try:
+        ctx = EvalContext(
+            model=model.to(device),
+            data=data,
+            split=split,
+            k=k,
+            seed=seed,
+            batch_size=batch_size,
+            device=device,
+            data_dir=None if data_dir is None else Path(data_dir),
+            feature_net=feature_net,
+            max_images=max_images,
+            progress=progress and (dist is None or dist.is_main),
+            probe_train_images=probe_train_images,
+            workers=workers,
+            requested=explicit,
+            dist=dist,
+        )
+        return _evaluate(ctx, names, explicit)
+    finally:
+        if dist is not None:
+            dist.close()
+
+
+def _evaluate(ctx: EvalContext, names: list[str], explicit: bool) -> EvalReport:
+    model, data, split, world = ctx.model, ctx.data, ctx.split, ctx.shard
     if ctx.n_images < 2:
         raise ValueError(
             f"the {split} split of {data.info.name} has {ctx.n_images} images; need >= 2"
+        )
+    if world is not None and ctx.n_images < world[1]:
+        raise ValueError(
+            f"the {split} split of {data.info.name} has {ctx.n_images} images, fewer than the "
+            f"{world[1]} processes; evaluate on fewer processes"
         )
     was_training = model.training
     model.eval()
@@ -202,15 +251,16 @@ def evaluate(
         dataset=data.info.name,
         split=split,
         n_images=ctx.n_images,
-        k=k,
-        seed=seed,
+        k=ctx.k,
+        seed=ctx.seed,
         binarization=ctx.binarization,
         likelihood=type(model.likelihood).__name__,
         likelihood_proper=model.likelihood.is_proper(data.info.value_kind),
         seconds=seconds,
-        device=str(device),
+        device=str(ctx.device),
         created=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         versions=_versions(),
+        processes=1 if world is None else world[1],
     )
 
 
@@ -252,23 +302,40 @@ def evaluate_run(
     data_dir: str | os.PathLike | None = None,
     device: torch.device | str | None = "auto",
     write: bool = True,
+    distributed: bool = True,
     **kwargs: Any,
 ) -> EvalReport:
     """Load a run folder (:func:`vaelab.runs.load_run`), evaluate it on its own dataset and
     merge the report into ``<run>/eval.json`` (atomically). ``kwargs`` go to :func:`evaluate`;
-    ``device="auto"`` picks CUDA, then MPS, then the CPU."""
+    ``device="auto"`` picks CUDA, then MPS, then the CPU.
+
+    Under torchrun (unless ``distributed=False``, see :func:`evaluate`), rank 0 loads the data
+    first (a download happens once), every process evaluates its share, and rank 0 alone
+    writes ``eval.json`` while the others wait for it.
+    """
     from vaelab.devices import pick_device
+    from vaelab.distributed import Distributed
     from vaelab.runs import load_run
 
     run = load_run(run_path)
     dev = pick_device(device) if device is not None else torch.device("cpu")
-    model = run.load_model(dev)
-    data = run.data(data_dir)
-    report = evaluate(model, data, device=dev, data_dir=data_dir, **kwargs)
-    report.run = str(run.path)
-    if write:
-        write_eval(run.path, report)
-    return report
+    dist, dev = Distributed.setup(dev) if distributed else (None, dev)  # evaluate() reuses it
+    on_main = (lambda fn: fn()) if dist is None else dist.on_main
+    try:
+        model = run.load_model(dev)
+        loaded: list = []
+        on_main(lambda: loaded.append(run.data(data_dir)))  # rank 0 first: it may download
+        data = loaded[0] if loaded else run.data(data_dir)
+        report = evaluate(
+            model, data, device=dev, data_dir=data_dir, distributed=distributed, **kwargs
+        )
+        report.run = str(run.path)
+        if write:
+            on_main(lambda: write_eval(run.path, report))
+        return report
+    finally:
+        if dist is not None:
+            dist.close()
 
 
 # ----------------------------------------------------------------------------------- table
@@ -321,9 +388,10 @@ def format_table(report: EvalReport, estimators: bool = True) -> str:
     if notes:
         lines += ["", "notes (*):"] + [f"  {n}" for n in notes]
     total = sum(report.seconds.values())
+    procs = f" x {report.processes} processes" if report.processes > 1 else ""
     lines += [
         "",
-        f"{total:.1f} s on {report.device}: "
+        f"{total:.1f} s on {report.device}{procs}: "
         + ", ".join(f"{m} {s:.1f} s" for m, s in report.seconds.items()),
     ]
     return "\n".join(lines)

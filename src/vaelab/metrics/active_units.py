@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from vaelab.metrics.base import METRICS, EvalContext
+from vaelab.metrics.frechet import FeatureStats
 
 THRESHOLD = 0.01
 
@@ -47,6 +48,17 @@ def active_units_from_means(mu: torch.Tensor, threshold: float = THRESHOLD) -> A
     return ActiveUnits(int((var > threshold).sum().item()), var, threshold)
 
 
+def active_units_from_stats(stats: FeatureStats, threshold: float = THRESHOLD) -> ActiveUnits:
+    """Active units from sufficient statistics of the posterior means (count, sum, sum of
+    outer products: :class:`~vaelab.metrics.frechet.FeatureStats`, which add across batches
+    and processes); the variances are the diagonal of their covariance (N - 1)."""
+    if stats.count < 2:
+        raise ValueError(f"need the posterior means of >= 2 images, got {stats.count}")
+    n, mean = stats.count, stats.sum / stats.count
+    var = (stats.outer.diagonal() - n * mean * mean) / (n - 1)
+    return ActiveUnits(int((var > threshold).sum().item()), var, threshold)
+
+
 def active_units(
     model: nn.Module, batches: Iterable[torch.Tensor], threshold: float = THRESHOLD
 ) -> ActiveUnits:
@@ -57,7 +69,11 @@ def active_units(
 @METRICS.register("active-units")
 def active_units_metric(ctx: EvalContext) -> list:
     """Active units: latent dimensions with Cov_x(E_q[z_d]) > 0.01 (Burda et al. 2015)."""
-    au = active_units(ctx.model, ctx.batches())
+    # sums of E_q[z] and of its outer products, over this process's images, then all processes
+    stats = FeatureStats.of(posterior_means(ctx.model, ctx.shard_batches()))
+    ctx.sum_(stats.sum, stats.outer)
+    stats.count = ctx.n_images
+    au = active_units_from_stats(stats)
     z = au.variances.numel()
     return [
         ctx.label(

@@ -5,12 +5,20 @@ A metric family is a module with pure functions of a model (or tensors) and a da
 (``importance_sampled_log_likelihood(model, batches, k=...)``) plus one registered adapter
 ``metric(ctx) -> list[Entry]`` that calls them on the split being evaluated and labels every
 number with its unit, estimator, k, split and binarization.
+
+Under torchrun the context holds the process group (``ctx.dist``) and the adapters shard: every
+process reads the same read batches (so dynamic binarization is the same) and scores its
+contiguous slice of each (:meth:`EvalContext.shard_batches`); per-image results come back in
+split order through :meth:`EvalContext.gather`, sufficient statistics through
+:meth:`EvalContext.sum_`. Random draws stay those of one process: they are seeded per read
+batch or chunk (binarization, importance sampling), or every process draws a batch's noise
+whole and keeps its slice (ELBO, prior samples).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -85,6 +93,42 @@ def mean_and_stderr(values: torch.Tensor) -> tuple[float, float | None]:
     return mean, v.std(correction=1).item() / math.sqrt(n)
 
 
+def shard_bounds(n: int, shard: tuple[int, int] | None) -> tuple[int, int]:
+    """The slice [lo, hi) of n items that process ``rank`` of ``world`` takes, for ``shard`` =
+    (rank, world): contiguous, sizes differing by at most one (as
+    :meth:`vaelab.distributed.Distributed.bounds`). ``None`` (one process): (0, n)."""
+    if shard is None:
+        return 0, n
+    rank, world = shard
+    return rank * n // world, (rank + 1) * n // world
+
+
+class ShardPass:
+    """One pass over ``batches`` that yields this process's slice of each batch (the whole
+    batch in one process; empty slices are skipped), recording where its images sit.
+
+    After (or during) iteration, ``index`` (n,) int64 holds the positions in the split of the
+    images yielded so far, for :meth:`EvalContext.gather`.
+    """
+
+    def __init__(self, batches: Iterable[torch.Tensor], shard: tuple[int, int] | None) -> None:
+        self._batches, self._shard = batches, shard
+        self._index: list[torch.Tensor] = []
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        self._index, start = [], 0
+        for x in self._batches:
+            lo, hi = shard_bounds(x.shape[0], self._shard)
+            if hi > lo:
+                self._index.append(torch.arange(start + lo, start + hi))
+                yield x[lo:hi]
+            start += x.shape[0]
+
+    @property
+    def index(self) -> torch.Tensor:
+        return torch.cat(self._index) if self._index else torch.zeros(0, dtype=torch.int64)
+
+
 def derive_generator(seed: int, tag: str, device: torch.device | str = "cpu") -> torch.Generator:
     """A generator seeded from (seed, tag): each metric draws its own reproducible noise, so
     adding or dropping one metric never changes another's numbers."""
@@ -103,6 +147,11 @@ class EvalContext:
     ``batches()`` starts a fresh pass over the evaluated split (float images on ``device``,
     in file order, read ``READ_BATCH`` at a time); ``label(...)`` builds an :class:`Entry` with
     the split, image count and binarization filled in.
+
+    ``dist`` is a :class:`vaelab.distributed.Distributed` under torchrun (None in one
+    process): ``shard`` is then (rank, world size), ``shard_batches()`` this process's slices,
+    and ``gather``, ``sum_`` and ``on_main`` exchange results; in one process they hand their
+    inputs back unchanged.
     """
 
     model: Any
@@ -119,6 +168,7 @@ class EvalContext:
     probe_train_images: int | None = None
     workers: int | None = None  # importance-sampling threads (None: automatic)
     requested: bool = False  # True when the metric was named explicitly (errors then raise)
+    dist: Any = None  # vaelab.distributed.Distributed under torchrun, else None
 
     @property
     def info(self):
@@ -140,13 +190,17 @@ class EvalContext:
         return len(self.images())
 
     def batches(
-        self, split: str | None = None, with_labels: bool = False
+        self, split: str | None = None, with_labels: bool = False, limit: int | None = None
     ) -> Iterator[torch.Tensor | tuple[torch.Tensor, torch.Tensor | None]]:
-        """One deterministic pass over ``split``: float (B, C, H, W) in [0, 1] on ``device``."""
+        """One deterministic pass over ``split`` (its first ``limit`` images): float
+        (B, C, H, W) in [0, 1] on ``device``, ``READ_BATCH`` images at a time."""
         from vaelab.data.batches import BatchIterator
 
+        images = self.images(split)
+        if limit is not None and limit < len(images):
+            images = images.subset(slice(0, limit))
         it = BatchIterator(
-            self.images(split),
+            images,
             READ_BATCH,
             shuffle=False,
             seed=self.seed,
@@ -154,6 +208,35 @@ class EvalContext:
             with_labels=with_labels,
         )
         return it.epoch(0)
+
+    # ------------------------------------------------------------------ several processes
+
+    @property
+    def shard(self) -> tuple[int, int] | None:
+        """(rank, world size) under torchrun, else None."""
+        return None if self.dist is None else (self.dist.rank, self.dist.world_size)
+
+    def shard_batches(self, split: str | None = None, limit: int | None = None) -> ShardPass:
+        """This process's contiguous slice of every read batch of :meth:`batches` (every
+        process reads the same batches, so dynamically binarized images are the same)."""
+        return ShardPass(self.batches(split, limit=limit), self.shard)
+
+    def gather(self, index: torch.Tensor, *tensors: torch.Tensor) -> list[torch.Tensor]:
+        """Per-image results of all processes, in split order: ``tensors`` (n, ...) are this
+        process's rows at positions ``index`` (n,). One process: ``tensors`` unchanged."""
+        if self.dist is None:
+            return list(tensors)
+        return self.dist.gather_rows(index, *tensors)
+
+    def sum_(self, *tensors: torch.Tensor) -> None:
+        """Sum CPU ``tensors`` over the processes, in place (nothing to do in one process)."""
+        if self.dist is not None:
+            self.dist.sum_cpu_(*tensors)
+
+    def on_main(self, fn: Callable[[], Any]) -> Any:
+        """``fn()`` on rank 0, its result (or error) handed to every process; in one process,
+        just ``fn()``."""
+        return fn() if self.dist is None else self.dist.on_main(fn)
 
     def generator(self, tag: str) -> torch.Generator:
         return derive_generator(self.seed, tag, self.device)

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vaelab.metrics.base import METRICS, EvalContext
+from vaelab.metrics.base import METRICS, EvalContext, shard_bounds
 
 
 @dataclass
@@ -121,9 +121,12 @@ def frechet_distance_from_stats(a: FeatureStats, b: FeatureStats) -> float:
     return frechet_distance(*a.mean_cov(), *b.mean_cov())
 
 
+FEATURE_BATCH = 250  # images per feature-network forward pass
+
+
 @torch.inference_mode()
 def feature_stats(
-    feature_net, images: Iterable[torch.Tensor], batch_size: int = 250
+    feature_net, images: Iterable[torch.Tensor], batch_size: int = FEATURE_BATCH
 ) -> FeatureStats:
     """Sufficient statistics of ``feature_net`` features over batches of [0, 1] images."""
     stats = None
@@ -145,10 +148,16 @@ def _reconstructions(model, batches):
             yield model.reconstruct(x).clamp(0.0, 1.0)
 
 
-def _prior_samples(model, n: int, batch: int, generator: torch.Generator):
+def _prior_samples(model, n: int, batch: int, generator: torch.Generator, shard=None):
+    """Decoder means of n prior draws, ``batch`` at a time: ``model.sample``'s draws. With
+    ``shard`` every process draws each batch's z whole and decodes its slice."""
     with torch.inference_mode():
         for i in range(0, n, batch):
-            yield model.sample(min(batch, n - i), generator=generator).clamp(0.0, 1.0)
+            m = min(batch, n - i)
+            z = model.prior.sample(m, device=model.device, generator=generator)
+            lo, hi = shard_bounds(m, shard)
+            if hi > lo:
+                yield model.decode(z[lo:hi]).mean.clamp(0.0, 1.0)
 
 
 @METRICS.register("fd")
@@ -156,15 +165,33 @@ def frechet_metric(ctx: EvalContext) -> list:
     """Frechet distance of features, data vs reconstructions and vs prior samples (FD-LeNet, or FID)."""
     from vaelab.metrics.features import resolve_feature_net
 
-    net = resolve_feature_net(
-        ctx.feature_net, ctx.data, data_dir=ctx.data_dir, device=ctx.device, progress=ctx.progress
-    )
+    def resolve():
+        return resolve_feature_net(
+            ctx.feature_net,
+            ctx.data,
+            data_dir=ctx.data_dir,
+            device=ctx.device,
+            progress=ctx.progress,
+        )
+
+    nets = []  # several processes: rank 0 trains (or downloads) and caches, then the rest load
+    ctx.on_main(lambda: nets.append(resolve()))
+    net = nets[0] if nets else resolve()
     n = ctx.n_images
-    real = feature_stats(net, ctx.batches())
-    recon = feature_stats(net, _reconstructions(ctx.model, ctx.batches()))
-    samples = feature_stats(
-        net, _prior_samples(ctx.model, n, ctx.batch_size, ctx.generator("fd-samples"))
-    )
+    # sufficient statistics of this process's images and samples, then summed over processes
+    real = feature_stats(net, ctx.shard_batches())
+    recon = feature_stats(net, _reconstructions(ctx.model, ctx.shard_batches()))
+    samples = FeatureStats.empty(real.sum.numel())  # a process may get no sample (tiny batches)
+    gen = ctx.generator("fd-samples")
+    with torch.inference_mode():
+        for x in _prior_samples(ctx.model, n, ctx.batch_size, gen, ctx.shard):
+            for xb in x.split(FEATURE_BATCH):
+                samples.update(net(xb))
+    all_stats = (real, recon, samples)
+    counts = torch.tensor([float(st.count) for st in all_stats], dtype=torch.float64)
+    ctx.sum_(counts, *[t for st in all_stats for t in (st.sum, st.outer)])
+    for st, count in zip(all_stats, counts.tolist()):
+        st.count = int(count)
     base = f"{net.display}: Frechet distance of {net.describe()}"
     notes = net.notes()
     extra = dict(net.meta)

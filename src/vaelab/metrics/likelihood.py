@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from vaelab.data.batches import derive_seed
-from vaelab.metrics.base import METRICS, EvalContext, mean_and_stderr
+from vaelab.metrics.base import METRICS, EvalContext, mean_and_stderr, shard_bounds
 from vaelab.metrics.fused import LogLikelihoodRunner
 
 LN2 = math.log(2.0)
@@ -45,12 +45,17 @@ def bits_per_dim(nats: float, num_dims: int) -> float:
 
 @dataclass
 class ElboStats:
-    """Per-image single-sample ELBO terms over a data pass (all (N,) float64 nats, CPU)."""
+    """Per-image single-sample ELBO terms over a data pass (all (N,) float64 nats, CPU).
+
+    ``index`` (N,) int64: the position of each image in the pass (0..N-1 in one process; a
+    process's own positions with ``shard``); ``kl_per_dim`` is the mean over these images.
+    """
 
     elbo: torch.Tensor
     log_px_z: torch.Tensor
     kl: torch.Tensor
     kl_per_dim: torch.Tensor  # (Z,) mean over images
+    index: torch.Tensor | None = None
 
 
 @torch.inference_mode()
@@ -60,29 +65,50 @@ def elbo_stats(
     *,
     generator: torch.Generator | None = None,
     batch_size: int = 1000,
+    shard: tuple[int, int] | None = None,
 ) -> ElboStats:
     """The true ELBO (beta = 1, one sampled z per image, analytic KL) over ``batches``.
 
     Uses :func:`vaelab.objectives.elbo`, the same function training logs, so evaluation and
-    training agree by construction.
+    training agree by construction. The noise of each compute batch (``batch_size`` images of
+    a batch) is one (1, b, Z) draw from ``generator``, in order.
+
+    ``shard`` = (rank, world): score only this process's contiguous slice of every batch
+    (:func:`~vaelab.metrics.base.shard_bounds`). Every process still draws each batch's noise
+    whole and keeps its slice, so an image gets the z it gets in one process.
     """
     from vaelab.objectives import elbo
 
-    parts: dict[str, list[torch.Tensor]] = {"elbo": [], "log_px_z": [], "kl": []}
-    kl_dim_sum, n = None, 0
+    parts: dict[str, list[torch.Tensor]] = {"elbo": [], "log_px_z": [], "kl": [], "index": []}
+    kl_dim_sum, n, start = 0.0, 0, 0
     for batch in batches:
-        for x in batch.split(batch_size):
-            out = elbo(model, x, generator=generator)
+        b = batch.shape[0]
+        if start == 0 and b > 0:  # the shape and dtype of mu, as rsample draws eps with them
+            mu = model.encode(batch[:1]).mu
+            zdim, dtype = mu.shape[1], mu.dtype
+        sizes = [min(batch_size, b - i) for i in range(0, b, batch_size)]
+        draws = [  # one (1, m, Z) draw per compute batch, as rsample would make them
+            torch.randn((1, m, zdim), generator=generator, device=batch.device, dtype=dtype)
+            for m in sizes
+        ]
+        eps = torch.cat(draws, dim=1)  # (1, b, Z)
+        lo, hi = shard_bounds(b, shard)
+        for i in range(lo, hi, batch_size):
+            j = min(i + batch_size, hi)
+            out = elbo(model, batch[i:j], eps=eps[:, i:j])
             parts["elbo"].append(out.elbo.double().cpu())
             parts["log_px_z"].append(out.log_px_z.double().cpu())
             parts["kl"].append(out.kl.double().cpu())
-            s = out.kl_per_dim.double().sum(0).cpu()
-            kl_dim_sum = s if kl_dim_sum is None else kl_dim_sum + s
-            n += x.shape[0]
-    if n == 0:
+            parts["index"].append(torch.arange(start + i, start + j))
+            kl_dim_sum += out.kl_per_dim.double().sum(0).cpu()
+            n += j - i
+        start += b
+    if start == 0:
         raise ValueError("elbo_stats got no images")
-    cat = {k: torch.cat(v) for k, v in parts.items()}
-    return ElboStats(cat["elbo"], cat["log_px_z"], cat["kl"], kl_dim_sum / n)
+    empty = torch.zeros(0, dtype=torch.float64)
+    cat = {k: torch.cat(v) if v else empty for k, v in parts.items()}
+    kl_per_dim = kl_dim_sum / n if n else torch.zeros(zdim, dtype=torch.float64)
+    return ElboStats(cat["elbo"], cat["log_px_z"], cat["kl"], kl_per_dim, cat["index"].long())
 
 
 # ------------------------------------------------------------------ importance sampling
@@ -99,6 +125,8 @@ class ISResult:
         ess: (N,) effective sample size (sum w)^2 / sum w^2, between 1 and k.
         k: importance samples per image.
         seconds: wall time.
+        index: (N,) int64 position of each image in the pass (0..N-1 in one process; this
+            process's own positions with ``shard``).
     """
 
     log_px: torch.Tensor
@@ -106,6 +134,7 @@ class ISResult:
     ess: torch.Tensor
     k: int
     seconds: float
+    index: torch.Tensor | None = None
 
     @property
     def mean(self) -> float:
@@ -135,6 +164,7 @@ def importance_sampled_log_likelihood(
     fused: str = "auto",
     progress: bool = False,
     total: int | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> ISResult:
     """Importance-sampled log p(x) for every image of ``batches`` (Burda et al. 2015).
 
@@ -155,6 +185,10 @@ def importance_sampled_log_likelihood(
             (all give the same numbers up to rounding; ``"none"`` is the plain
             ``model.decode(z).log_prob(x)``).
         progress: show a tqdm bar over images (``total`` images expected).
+        shard: (rank, world): score only this process's contiguous run of whole chunks of
+            every batch (:func:`~vaelab.metrics.base.shard_bounds` over the batch's chunks).
+            Chunks keep their global index, hence their draws, so the per-image estimates
+            are those of one process; a process may get no chunk (an empty result).
 
     Returns:
         :class:`ISResult` with per-image estimates.
@@ -185,21 +219,29 @@ def importance_sampled_log_likelihood(
         with torch.inference_mode():  # thread-local: worker threads need their own
             return _is_chunk(get_runner(mu.dtype), x, mu, std, logvar, aux, k, rows, g)
 
-    results, n_chunks = [], 0
+    results, index, n_chunks, n_images = [], [], 0, 0
     threads = torch.get_num_threads()
     pool = ThreadPoolExecutor(workers) if workers > 1 else None
     try:
         with tqdm(total=total, unit="img", desc=f"log p(x), k={k}", disable=not progress) as bar:
             for batch in batches:
-                q_z = model.encode(batch)
+                b = batch.shape[0]
+                first, n_chunks = n_chunks, n_chunks + -(-b // per_chunk)  # this batch's chunks
+                c_lo, c_hi = shard_bounds(n_chunks - first, shard)  # ours, counted from first
+                lo, hi = c_lo * per_chunk, min(c_hi * per_chunk, b)  # their images
+                index.append(torch.arange(n_images + lo, n_images + max(lo, hi)))
+                n_images += b
+                if hi <= lo:
+                    continue
+                part = batch[lo:hi]
+                q_z = model.encode(part)
                 std = torch.exp(0.5 * q_z.logvar)
-                aux = LogLikelihoodRunner(model, q_z.mu.dtype, fused).prepare(batch)
+                aux = LogLikelihoodRunner(model, q_z.mu.dtype, fused).prepare(part)
                 jobs = []
-                for i in range(0, batch.shape[0], per_chunk):
+                for c, i in enumerate(range(0, hi - lo, per_chunk), start=first + c_lo):
                     sl = slice(i, i + per_chunk)
                     a = None if aux is None else aux[sl]
-                    jobs.append((batch[sl], q_z.mu[sl], std[sl], q_z.logvar[sl], a, n_chunks))
-                    n_chunks += 1
+                    jobs.append((part[sl], q_z.mu[sl], std[sl], q_z.logvar[sl], a, c))
                 for res in pool.map(run, jobs) if pool else map(run, jobs):
                     results.append(res)
                     bar.update(res[0].shape[0])
@@ -207,10 +249,13 @@ def importance_sampled_log_likelihood(
         if pool is not None:
             pool.shutdown()
             torch.set_num_threads(threads)
-    if not results:
+    if n_images == 0:
         raise ValueError("importance_sampled_log_likelihood got no images")
-    lp, mlw, ess = (torch.cat(t) for t in zip(*results))
-    return ISResult(lp, mlw, ess, k, time.perf_counter() - start)
+    if results:
+        lp, mlw, ess = (torch.cat(t) for t in zip(*results))
+    else:  # this process's share of the chunks was empty
+        lp, mlw, ess = (torch.zeros(0, dtype=torch.float64) for _ in range(3))
+    return ISResult(lp, mlw, ess, k, time.perf_counter() - start, torch.cat(index))
 
 
 def _is_chunk(runner, x, mu, std, logvar, aux, k, rows, generator):
@@ -249,16 +294,27 @@ def _is_chunk(runner, x, mu, std, logvar, aux, k, rows, generator):
 def elbo_metric(ctx: EvalContext) -> list:
     """ELBO (beta = 1, one sampled z) in nats/image and bits/dim, its terms and KL per dimension."""
     stats = elbo_stats(
-        ctx.model, ctx.batches(), generator=ctx.generator("elbo"), batch_size=ctx.batch_size
+        ctx.model,
+        ctx.batches(),
+        generator=ctx.generator("elbo"),
+        batch_size=ctx.batch_size,
+        shard=ctx.shard,
     )
+    # several processes: per-image terms gathered in split order, KL per dimension summed
+    elbos, log_px_z, kls = ctx.gather(stats.index, stats.elbo, stats.log_px_z, stats.kl)
+    kl_per_dim = stats.kl_per_dim
+    if ctx.dist is not None:
+        kl_per_dim = kl_per_dim * stats.index.numel()
+        ctx.sum_(kl_per_dim)
+        kl_per_dim /= ctx.n_images
     d = ctx.info.num_pixels
     notes = ctx.likelihood_notes()
     est = (
         "single-sample ELBO: log p(x|z) - KL(q(z|x) || p(z)), one z ~ q(z|x), analytic KL, beta = 1"
     )
-    mean, se = mean_and_stderr(stats.elbo)
-    rec, rec_se = mean_and_stderr(stats.log_px_z)
-    kl, kl_se = mean_and_stderr(stats.kl)
+    mean, se = mean_and_stderr(elbos)
+    rec, rec_se = mean_and_stderr(log_px_z)
+    kl, kl_se = mean_and_stderr(kls)
     return [
         ctx.label("elbo", mean, "nats/image", est, k=1, stderr=se, notes=notes),
         ctx.label(
@@ -285,7 +341,7 @@ def elbo_metric(ctx: EvalContext) -> list:
             "nats/image",
             "KL(q(z|x) || N(0, I)), closed form; extra.per_dim: mean KL of each latent dimension",
             stderr=kl_se,
-            extra={"per_dim": [round(v, 6) for v in stats.kl_per_dim.tolist()]},
+            extra={"per_dim": [round(v, 6) for v in kl_per_dim.tolist()]},
         ),
     ]
 
@@ -300,8 +356,12 @@ def loglik_metric(ctx: EvalContext) -> list:
         seed=derive_seed(ctx.seed, 1),
         workers=ctx.workers,
         progress=ctx.progress,
-        total=ctx.n_images,
+        total=ctx.n_images if ctx.dist is None else None,  # a process does only its share
+        shard=ctx.shard,
     )
+    # several processes: every image's estimates, gathered in split order
+    log_px, mean_log_w, ess = ctx.gather(res.index, res.log_px, res.mean_log_w, res.ess)
+    res = ISResult(log_px, mean_log_w, ess, res.k, res.seconds)
     d = ctx.info.num_pixels
     notes = ctx.likelihood_notes()
     mean, se = res.mean, res.stderr

@@ -81,6 +81,8 @@ def _np(a) -> np.ndarray:
 
 
 def _means_and_labels(ctx: EvalContext, split: str, limit: int | None):
+    """E_q[z|x] (N, Z) and labels of the first ``limit`` images of ``split``; with several
+    processes each encodes its slices and every process gets all the means, in order."""
     images = ctx.images(split)
     if limit is not None and limit < len(images):
         images = images.subset(slice(0, limit))
@@ -88,13 +90,13 @@ def _means_and_labels(ctx: EvalContext, split: str, limit: int | None):
         raise MetricUnavailable(
             f"dataset {ctx.info.name} has no labels in its {split} split to probe"
         )
-    from vaelab.data.batches import BatchIterator
-    from vaelab.metrics.base import READ_BATCH
-
-    batches = BatchIterator(
-        images, READ_BATCH, shuffle=False, seed=ctx.seed, device=ctx.device
-    ).epoch(0)
-    return posterior_means(ctx.model, batches), images.labels
+    if ctx.dist is not None and len(images) < ctx.dist.world_size:
+        raise MetricUnavailable(
+            f"{len(images)} {split} images cannot be shared by {ctx.dist.world_size} processes"
+        )
+    part = ctx.shard_batches(split, limit=limit)
+    means = posterior_means(ctx.model, part)  # fills part.index
+    return ctx.gather(part.index, means)[0], images.labels
 
 
 @METRICS.register("probe")
@@ -103,7 +105,8 @@ def probe_metric(ctx: EvalContext) -> list:
     z_test, y_test = _means_and_labels(ctx, ctx.split, None)  # ctx.images applies max_images
     train_split = "train" if ctx.split != "train" else "valid"
     z_train, y_train = _means_and_labels(ctx, train_split, ctx.probe_train_images)
-    res = linear_probe(z_train, y_train, z_test, y_test, seed=ctx.seed)
+    # several processes: rank 0 alone fits the probe; the others get its result
+    res = ctx.on_main(lambda: linear_probe(z_train, y_train, z_test, y_test, seed=ctx.seed))
     cols = "" if y_test.dim() == 1 else f", mean over {len(res.per_column)} label columns"
     extra = {"fit_on": train_split, "fit_images": int(z_train.shape[0]), "chance": res.chance}
     if y_test.dim() > 1:

@@ -177,15 +177,16 @@ def reconstruction_stats(
 def reconstruction_metric(ctx: EvalContext) -> list:
     """Reconstruction MSE (per pixel), PSNR (dB) and SSIM of x vs the decoder mean at E_q[z|x]."""
     with_ssim = have_skimage()  # without it, SSIM is reported as skipped (MSE, PSNR still run)
-    stats = reconstruction_stats(
-        ctx.model, ctx.batches(), with_ssim=with_ssim, batch_size=ctx.batch_size
-    )
+    part = ctx.shard_batches()  # several processes: each scores its slices, then all gather
+    stats = reconstruction_stats(ctx.model, part, with_ssim=with_ssim, batch_size=ctx.batch_size)
+    per_image = [stats.mse, stats.psnr] + ([stats.ssim] if with_ssim else [])
+    per_image = ctx.gather(part.index, *per_image)
     _, ssim_desc = ssim_settings(*ctx.info.shape[1:])
     what = "x vs the decoder mean at z = E_q[z|x], data range 1"
-    mse, mse_se = mean_and_stderr(stats.mse)
-    psnr, psnr_se = mean_and_stderr(stats.psnr)
-    s, s_se = mean_and_stderr(stats.ssim) if with_ssim else (None, None)
-    capped = int((stats.mse <= MSE_FLOOR).sum())
+    mse, mse_se = mean_and_stderr(per_image[0])
+    psnr, psnr_se = mean_and_stderr(per_image[1])
+    s, s_se = mean_and_stderr(per_image[2]) if with_ssim else (None, None)
+    capped = int((per_image[0] <= MSE_FLOOR).sum())
     return [
         ctx.label(
             "recon.mse",
