@@ -1,4 +1,10 @@
-"""``vaelab eval RUN``: evaluate a run on its dataset, print a table, write ``eval.json``."""
+"""``vaelab eval RUN [--nproc N]``: evaluate a run on its dataset, print a table, write
+``eval.json``.
+
+``--nproc N`` runs the same command on N processes through torchrun, each scoring a share of
+the split (see :mod:`vaelab.evaluate`); ``torchrun --nproc-per-node N -m vaelab eval RUN`` is
+the same. Rank 0 alone prints and writes.
+"""
 
 from __future__ import annotations
 
@@ -44,13 +50,44 @@ def register(subparsers) -> None:
     )
     p.add_argument("--no-write", action="store_true", help="do not write RUN/eval.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=1,
+        metavar="N",
+        help="share the split between N processes of this machine (one per GPU, or CPU "
+        "processes with gloo) by running torchrun --standalone --nproc-per-node N; the "
+        "numbers equal one process's",
+    )
     add_data_dir(p)
     p.set_defaults(func=run)
 
 
+def _child_argv(args: argparse.Namespace) -> list[str]:
+    """This command line without --nproc, for the processes torchrun starts."""
+    argv = [args.run, "--k", str(args.k), "--split", args.split, "--seed", str(args.seed)]
+    argv += ["--metrics", *args.metrics] if args.metrics else []
+    argv += ["--feature-net", args.feature_net, "--batch-size", str(args.batch_size)]
+    argv += ["--device", args.device]
+    argv += ["--images", str(args.images)] if args.images is not None else []
+    argv += ["--json"] if args.json else []
+    argv += ["--no-write"] if args.no_write else []
+    argv += ["--quiet"] if args.quiet else []
+    argv += ["--data-dir", args.data_dir] if args.data_dir is not None else []
+    return ["-m", "vaelab", "eval", *argv]
+
+
 def run(args: argparse.Namespace) -> int:
+    from vaelab.distributed import env_world, is_main_process, launch
     from vaelab.evaluate import evaluate_run, format_table
 
+    if args.nproc != 1:  # launch() refuses N < 1
+        from vaelab.runs import resolve_run
+
+        if env_world() is not None:
+            raise ValueError("--nproc starts torchrun; under torchrun already, leave it out")
+        resolve_run(args.run)  # a wrong RUN fails here, once, not in every process
+        return launch(args.nproc, _child_argv(args), what="evaluation")
     report = evaluate_run(
         args.run,
         data_dir=args.data_dir,
@@ -65,5 +102,6 @@ def run(args: argparse.Namespace) -> int:
         max_images=args.images,
         progress=not args.quiet and not args.json,
     )
-    print(report.to_json() if args.json else format_table(report))
+    if is_main_process():  # under torchrun, rank 0 alone reports
+        print(report.to_json() if args.json else format_table(report))
     return 0
