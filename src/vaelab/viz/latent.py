@@ -156,7 +156,8 @@ def kl_per_dimension(
     ax.set_xlabel("latent dimension (sorted by KL)")
     ax.set_ylabel("mean KL (nats)")
     ax.set_title(
-        f"KL per latent dimension, total {kl.sum():.2f} nats ({resolve_split(data, split)}, {len(mu)} images)",
+        f"KL per latent dimension, total {kl.sum():.2f} nats\n"
+        f"({resolve_split(data, split)}, {len(mu)} images)",
         fontsize=10,
     )
     ax.legend(fontsize=8, frameon=False)
