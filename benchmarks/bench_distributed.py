@@ -10,7 +10,7 @@ Each configuration is a real ``vaelab train`` run (``--nproc N`` for the data-pa
 excluded), and ``speedup`` is against the 1-process run with the same threads per process.
 On the CPU each process gets ``--threads`` torch threads (default: cores / N), so 1 process
 with all the cores is the baseline to beat. MNIST comes from ``--data-dir``,
-``$VAELAB_DATA_DIR`` or /work/shared/data.
+``$VAELAB_DATA_DIR`` or ../shared/data beside the repository.
 """
 
 from __future__ import annotations
@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+from _common import SHARED_DATA
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 
@@ -55,7 +57,7 @@ def train(args, out: Path, nproc: int, threads: int) -> dict:
         str(nproc),
     ]
     env = dict(os.environ, PYTHONPATH=str(SRC))
-    env.setdefault("VAELAB_DATA_DIR", args.data_dir or "/work/shared/data")
+    env.setdefault("VAELAB_DATA_DIR", args.data_dir or str(SHARED_DATA))
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     (run_dir,) = [p for p in out.iterdir() if p.is_dir()]
     return json.loads((run_dir / "summary.json").read_text())

@@ -18,7 +18,7 @@ measured right before and after that segment.
 
 The model is trained for ``--train-epochs`` (default 1) on dynamically binarized MNIST, so the
 weights and logits look like a real run's (the timing does not depend on them). MNIST comes from
-``--data-dir``, ``$VAELAB_DATA_DIR`` or /work/shared/data.
+``--data-dir``, ``$VAELAB_DATA_DIR`` or ../shared/data beside the repository.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+from _common import data_dir
 
 
 def parse_args() -> argparse.Namespace:
@@ -55,15 +56,6 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--json", default=None, help="also write the figures to this JSON file")
     return p.parse_args()
-
-
-def data_dir(arg: str | None) -> str | None:
-    if arg:
-        return arg
-    if os.environ.get("VAELAB_DATA_DIR"):
-        return None
-    shared = Path("/work/shared/data")
-    return str(shared) if (shared / "mnist").is_dir() else None
 
 
 def build_and_train(data, epochs: float):

@@ -37,7 +37,7 @@ Figures:
   ``--check-every`` steps, first is <= target (the clock stops during each check).
 * peak memory: the training process's resident-set high-water mark (VmHWM), data included.
 
-MNIST comes from ``--data-dir``, ``$VAELAB_DATA_DIR`` or /work/shared/data.
+MNIST comes from ``--data-dir``, ``$VAELAB_DATA_DIR`` or ../shared/data beside the repository.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from _common import data_dir
 from torch import nn
 
 ARCHS = ("mlp", "conv", "dcgan")
@@ -94,15 +95,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.threads is None:
         args.threads = torch.get_num_threads()
     return args
-
-
-def data_dir(arg: str | None) -> str | None:
-    if arg:
-        return arg
-    if os.environ.get("VAELAB_DATA_DIR"):
-        return None
-    shared = Path("/work/shared/data")
-    return str(shared) if (shared / "mnist").is_dir() else None
 
 
 # ------------------------------------------------------------------------------ the reference
