@@ -1,0 +1,151 @@
+"""Small C kernels for hot loops, compiled on first use and called through ctypes.
+
+Optional by design: with no C compiler, with ``VAELAB_NATIVE=0``, or when compiling fails,
+:func:`load` returns ``None`` and callers use their PyTorch formula instead (same numbers up to
+float rounding). The sources live in ``vaelab/csrc/``; each is compiled once per machine into
+the cache (``$VAELAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/vaelab``, else ``~/.cache/vaelab``)
+under a name hashing the source, the flags, the compiler and the CPU, and written atomically
+(temporary file, then rename), so concurrent processes never load a half-written library.
+
+Compiled with ``-O3 -march=native -ffast-math`` (vectorised ``expf``/``logf`` from glibc's
+libmvec) but linked without ``-ffast-math``: linking with it would add ``crtfastmath.o``, which
+switches the whole process to flush-to-zero on load.
+
+ctypes releases the GIL while a kernel runs, so worker threads run kernels in parallel.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from importlib import resources
+from pathlib import Path
+
+# Flag sets tried in order (the first that compiles and links wins).
+_FLAG_SETS = (
+    (["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math"], ["-lmvec", "-lm"]),
+    (["-O3", "-march=native", "-ffast-math"], ["-lmvec", "-lm"]),
+    (["-O3", "-ffast-math"], ["-lm"]),
+)
+
+_lock = threading.Lock()
+_loaded: dict[str, ctypes.CDLL | None] = {}
+_why_not: dict[str, str] = {}
+_functions: dict[str, object] = {}
+
+
+def cache_dir() -> Path:
+    """Where compiled kernels are kept."""
+    if os.environ.get("VAELAB_CACHE_DIR"):
+        return Path(os.environ["VAELAB_CACHE_DIR"]) / "native"
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "vaelab" / "native"
+
+
+def enabled() -> bool:
+    """False when ``VAELAB_NATIVE`` is ``0``/``false``/``no``/``off``."""
+    return os.environ.get("VAELAB_NATIVE", "1").strip().lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags (``-march=native`` code is only valid on the same)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))]
+        return "\n".join(sorted(set(lines)))
+    except OSError:
+        return platform.processor()
+
+
+def _compiler() -> str | None:
+    cc = os.environ.get("CC")
+    if cc:
+        return cc
+    return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+
+
+def _build(name: str, source: str, cc: str) -> Path:
+    """Compile ``source`` into the cache (if not there yet) and return the library's path."""
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
+    except OSError as err:
+        raise RuntimeError(f"cannot run the C compiler {cc!r}: {err}") from err
+    out_dir = cache_dir()
+    errors = []
+    for cflags, libs in _FLAG_SETS:
+        key = "\0".join([source, " ".join(cflags + libs), version, platform.machine(), _cpu_id()])
+        lib = out_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+        if lib.exists():
+            return lib
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
+            src, obj, so = Path(tmp, f"{name}.c"), Path(tmp, f"{name}.o"), Path(tmp, f"{name}.so")
+            src.write_text(source)
+            steps = [
+                [cc, *cflags, "-fPIC", "-c", str(src), "-o", str(obj)],
+                [cc, "-shared", str(obj), "-o", str(so), *libs],
+            ]
+            for cmd in steps:
+                res = subprocess.run(cmd, capture_output=True, text=True)
+                if res.returncode != 0:
+                    errors.append(f"{' '.join(cmd)}: {res.stderr.strip()[-300:]}")
+                    break
+            else:
+                os.replace(so, lib)  # atomic: other processes see all of it or nothing
+                return lib
+    raise RuntimeError("could not compile " + name + ":\n" + "\n".join(errors))
+
+
+def load(name: str) -> ctypes.CDLL | None:
+    """The compiled kernel library ``vaelab/csrc/NAME.c``, or ``None`` when unavailable
+    (:func:`why_not` says why). Compiled at most once per process and machine."""
+    with _lock:
+        if name in _loaded:
+            return _loaded[name]
+        lib = None
+        if not enabled():
+            _why_not[name] = "disabled by VAELAB_NATIVE"
+        elif (cc := _compiler()) is None:
+            _why_not[name] = "no C compiler (set CC or install gcc/clang)"
+        else:
+            try:
+                source = resources.files("vaelab").joinpath("csrc", f"{name}.c").read_text()
+                lib = ctypes.CDLL(str(_build(name, source, cc)))
+            except (OSError, RuntimeError) as err:
+                _why_not[name] = str(err)
+        _loaded[name] = lib
+        return lib
+
+
+def function(name: str, symbol: str, argtypes: list, restype=None):
+    """The C function ``symbol`` of library ``name`` with its ctypes signature, or ``None``
+    when the library is unavailable."""
+    key = f"{name}:{symbol}"
+    fn = _functions.get(key, False)
+    if fn is False:
+        lib = load(name)
+        fn = None
+        if lib is not None:
+            fn = getattr(lib, symbol)
+            fn.argtypes, fn.restype = argtypes, restype
+        _functions[key] = fn
+    return fn
+
+
+def why_not(name: str) -> str | None:
+    """Why :func:`load` returned ``None`` for ``name`` (``None`` if it loaded or was not tried)."""
+    return _why_not.get(name)
+
+
+def _reset() -> None:
+    """Forget loaded libraries (tests)."""
+    with _lock:
+        _loaded.clear()
+        _why_not.clear()
+        _functions.clear()

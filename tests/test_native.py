@@ -1,0 +1,124 @@
+"""The optional C kernels (vaelab.native): compiled once into the cache, numerically equal to
+the PyTorch formulas, harmless to the process, and skipped cleanly when unavailable."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vaelab import native
+from vaelab.metrics.fused import bernoulli_log_prob
+from vaelab.metrics.likelihood import importance_sampled_log_likelihood
+
+HAVE_CC = native._compiler() is not None
+
+
+@pytest.fixture
+def fresh_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("VAELAB_CACHE_DIR", str(tmp_path))
+    native._reset()
+    yield tmp_path / "native"
+    native._reset()
+
+
+def _bce(logits, x):
+    return -F.binary_cross_entropy_with_logits(
+        logits.double(), x.double().unsqueeze(1).expand_as(logits), reduction="none"
+    ).sum(-1)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("d", [784, 3072, 1025, 16, 7, 1])
+def test_bernoulli_kernel_matches_the_exact_value(fresh_cache, d):
+    g = torch.Generator().manual_seed(d)
+    logits = torch.randn(3, 40, d, generator=g) * 6
+    logits[0, 0, : min(d, 5)] = torch.tensor([80.0, -80.0, 0.0, 1e-4, -1e-30])[: min(d, 5)]
+    x = torch.bernoulli(torch.full((3, d), 0.5), generator=g)
+    x[2] = torch.rand(d, generator=g)  # grey levels: the same formula
+    ref = _bce(logits, x)
+    got = bernoulli_log_prob(logits.clone(), x)
+    assert native.why_not("bernoulli") is None, native.why_not("bernoulli")
+    # float32 over d pixels: the PyTorch passes carry the same rounding
+    torch_path = bernoulli_log_prob(logits.clone(), x, native=False)
+    tol = 2e-3 + 4e-7 * d * 6
+    assert (got.double() - ref).abs().max() < tol
+    assert (got - torch_path).abs().max() < tol
+    assert got.dtype == torch.float32 and got.shape == (3, 40)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_compiled_once_into_the_cache_and_reused(fresh_cache):
+    assert native.load("bernoulli") is not None
+    libs = sorted(fresh_cache.glob("bernoulli-*.so"))
+    assert len(libs) == 1
+    assert [p for p in fresh_cache.iterdir() if p.is_dir()] == []  # no temporary leftovers
+    stamp = libs[0].stat().st_mtime_ns
+    native._reset()
+    assert native.load("bernoulli") is not None
+    assert libs[0].stat().st_mtime_ns == stamp  # loaded, not rebuilt
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_loading_the_kernel_keeps_subnormal_floats(fresh_cache):
+    # a library linked with -ffast-math would switch the process to flush-to-zero on load
+    code = (
+        "import torch\nfrom vaelab import native\nassert native.load('bernoulli') is not None\n"
+        "t = torch.tensor([1e-40]); print(float((t * 1.0)[0]) != 0.0)\n"
+    )
+    src = str(Path(native.__file__).parents[1])
+    env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, env=env
+    )
+    assert out.stdout.strip() == "True"
+
+
+def test_disabled_or_no_compiler_falls_back_to_torch(fresh_cache, monkeypatch):
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 30) * 4
+    x = torch.bernoulli(torch.full((2, 30), 0.5))
+    want = _bce(logits, x)
+
+    monkeypatch.setenv("VAELAB_NATIVE", "0")
+    assert native.load("bernoulli") is None
+    assert "VAELAB_NATIVE" in native.why_not("bernoulli")
+    assert (bernoulli_log_prob(logits.clone(), x).double() - want).abs().max() < 1e-3
+
+    native._reset()
+    monkeypatch.setenv("VAELAB_NATIVE", "1")
+    monkeypatch.setenv("CC", str(fresh_cache / "no-such-cc"))
+    assert native.load("bernoulli") is None
+    assert "no-such-cc" in native.why_not("bernoulli")
+    assert (bernoulli_log_prob(logits.clone(), x).double() - want).abs().max() < 1e-3
+
+
+def test_a_failing_compiler_is_reported_not_raised(fresh_cache, monkeypatch, tmp_path):
+    bad = tmp_path / "bad-cc"
+    bad.write_text("#!/bin/sh\necho 'broken compiler' >&2\nexit 1\n")
+    bad.chmod(0o755)
+    monkeypatch.setenv("CC", str(bad))
+    assert native.load("bernoulli") is None
+    assert "broken compiler" in native.why_not("bernoulli")
+    assert not list(fresh_cache.glob("*.so"))
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_importance_sampling_same_with_and_without_the_kernel(fresh_cache, monkeypatch):
+    from vaelab.config import ModelConfig
+    from vaelab.model import build_model
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(arch="mlp", hidden=(32,), latent_dim=4, likelihood="bernoulli")
+    model = build_model(cfg, (1, 10, 10)).eval()
+    x = torch.bernoulli(torch.full((6, 1, 10, 10), 0.3))
+    with_c = importance_sampled_log_likelihood(model, [x], k=200, seed=1, rows=100).log_px
+    assert native.why_not("bernoulli") is None
+    native._reset()
+    monkeypatch.setenv("VAELAB_NATIVE", "0")
+    without = importance_sampled_log_likelihood(model, [x], k=200, seed=1, rows=100).log_px
+    assert native.why_not("bernoulli") is not None
+    assert torch.allclose(with_c, without, atol=1e-4)
