@@ -361,6 +361,13 @@ class _Loop:
             self.model.decoder.compile()
         elif tc.compile and cfg.objective.name in ("elbo", "iwae"):
             self.compiled = _compile_objective(self.model, cfg.objective)
+        # train.fused: MLP VAEs with a Bernoulli ELBO take the hand-written gradient
+        # (vaelab.fused_elbo), one autograd node per step; compile and bf16 switch it off.
+        self.fused = None
+        if tc.fused and not tc.compile and dist is None and isinstance(self.autocast, nullcontext):
+            from vaelab.fused_elbo import fused_elbo_for
+
+            self.fused = fused_elbo_for(self.model, cfg.objective)
         info = data.info
         proper = self.model.likelihood.is_proper(info.value_kind)
         discrete = proper and info.value_kind in ("binary", "8bit")
@@ -506,7 +513,10 @@ class _Loop:
         tc, st, opt = self.cfg.train, self.st, self.optimizer
         step = st.step
         with self.autocast:
-            if self.dist is None and self.compiled is not None and x.shape[0] == tc.batch_size:
+            if self.fused is not None:
+                beta = beta_schedule(step, self.cfg.objective, st.total_steps)
+                out = self.fused(x, self._noise(x), beta)
+            elif self.dist is None and self.compiled is not None and x.shape[0] == tc.batch_size:
                 out = self._compiled_objective(x, step)  # the last, smaller batch runs eagerly
             elif self.dist is None:
                 out = compute_objective(
@@ -548,16 +558,25 @@ class _Loop:
         st.step, st.batch = step + 1, st.batch + 1
         return gnorm
 
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        """The step's standard-normal noise (L or k, B, Z), drawn as the eager objective draws
+        it (same generator, shape and dtype), so every path sees the same z."""
+        oc = self.cfg.objective
+        n = oc.k if oc.name == "iwae" else oc.n_samples
+        return torch.randn(
+            (n, x.shape[0], self.model.latent_dim),
+            generator=self.noise,
+            device=x.device,
+            dtype=x.dtype,
+        )
+
     def _compiled_objective(self, x: torch.Tensor, step: int):
         """compute_objective through the compiled graph. The noise is drawn here as the eager
         objective draws it (same generator, shape and dtype), and beta and the capacity enter as
         0-d tensors, so nothing recompiles as they change. If compiling fails (no C++ compiler,
         an unsupported operation), training goes on without it, with a warning."""
         oc, st = self.cfg.objective, self.st
-        n = oc.k if oc.name == "iwae" else oc.n_samples
-        eps = torch.randn(
-            (n, x.shape[0], self.model.latent_dim), generator=self.noise, device=x.device
-        )
+        eps = self._noise(x)
         cap = capacity_schedule(step, oc)
         beta = torch.tensor(beta_schedule(step, oc, st.total_steps), device=x.device)
         cap = None if cap is None else torch.tensor(cap, device=x.device)
