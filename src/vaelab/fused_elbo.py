@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vaelab.objectives import ObjectiveOutput
+from vaelab.objectives import ObjectiveOutput, capacity_schedule
 
 # Activations whose derivative follows from their output y.
 _ACTS = (nn.ReLU, nn.Tanh)
@@ -60,13 +60,12 @@ def fused_elbo_for(model: nn.Module, objective) -> FusedElbo | None:
     Qualifies: a :class:`~vaelab.model.VAE` with vaelab's MLP encoder (Flatten, then Linear +
     ReLU/tanh layers, no dropout, one linear Gaussian head) and an MLP decoder (Linear
     layers with those activations, the last without, then a reshape), the Bernoulli
-    likelihood, and the ``elbo`` objective (closed-form KL) without capacity or free bits. Everything else returns None (the autograd path).
+    likelihood, and the ``elbo`` objective (closed-form KL) without capacity or free bits.
+    Everything else returns None (the autograd path).
     """
     from vaelab.likelihoods import Bernoulli
     from vaelab.nets.common import GaussianHeads, Reshape
     from vaelab.nets.mlp import MLPEncoder
-
-    from vaelab.objectives import capacity_schedule
 
     if objective.name != "elbo" or objective.free_bits > 0:
         return None
