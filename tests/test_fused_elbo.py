@@ -66,6 +66,37 @@ def test_fused_gradients_in_float32_and_scaled_loss():
         assert torch.allclose(gr, w, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("n_samples", [1, 3])
+def test_c_kernel_and_torch_bernoulli_terms_agree(monkeypatch, tmp_path, n_samples):
+    from vaelab import native
+
+    model = _model((24, 12), "tanh")
+    g = torch.Generator().manual_seed(2)
+    x = torch.rand(9, 1, 6, 5, generator=g)  # grey levels
+    x[:4] = torch.bernoulli(x[:4], generator=g)
+    eps = torch.randn(n_samples, 9, 3, generator=g)
+    fused = fused_elbo_for(model, ObjectiveConfig(n_samples=n_samples))
+    ref = elbo(model, x, n_samples=n_samples, beta=0.7, eps=eps)
+    want = _grads(model, ref.loss)
+    runs = {}
+    for flag in ("1", "0"):
+        monkeypatch.setenv("VAELAB_NATIVE", flag)
+        monkeypatch.setenv("VAELAB_CACHE_DIR", str(tmp_path))
+        native._reset()
+        out = fused(x, eps, 0.7)
+        runs[flag] = (out, _grads(model, out.loss))
+        if flag == "1" and native._compiler():
+            assert native.why_not("bernoulli") is None  # the kernel ran
+        if flag == "0":
+            assert "VAELAB_NATIVE" in native.why_not("bernoulli")
+    native._reset()
+    for out, grads in runs.values():
+        assert torch.allclose(out.log_px_z, ref.log_px_z, rtol=1e-5, atol=1e-3)
+        assert torch.allclose(out.loss, ref.loss, rtol=1e-5, atol=1e-4)
+        for w, gr in zip(want, grads):
+            assert torch.allclose(gr, w, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize(
     "model_kw, objective",
     [

@@ -14,11 +14,15 @@ one ``backward`` written out by hand:
 
 It returns the same :class:`~vaelab.objectives.ObjectiveOutput` as
 :func:`vaelab.objectives.elbo` for the same noise (tested to float rounding), so training
-uses it transparently (``train.fused = true``, the default). :func:`fused_elbo_for` says
-whether a model and objective qualify; anything else runs through autograd as before.
+uses it transparently (``train.fused = true``, the default). On the CPU in float32 the
+Bernoulli term and its gradient come from one pass of a C kernel (:mod:`vaelab.native`) when
+a C compiler is present. :func:`fused_elbo_for` says whether a model and objective qualify;
+anything else runs through autograd as before.
 """
 
 from __future__ import annotations
+
+import ctypes
 
 import torch
 import torch.nn.functional as F
@@ -95,6 +99,22 @@ def fused_elbo_for(model: nn.Module, objective) -> FusedElbo | None:
     return FusedElbo(model, encoder, decoder)
 
 
+def _bernoulli_grad_kernel(logits: torch.Tensor, xf: torch.Tensor):
+    """The C kernel of :mod:`vaelab.native` for contiguous float32 CPU tensors, else None."""
+    if not (
+        logits.device.type == "cpu"
+        and logits.dtype == torch.float32 == xf.dtype
+        and logits.is_contiguous()
+        and xf.is_contiguous()
+    ):
+        return None
+    from vaelab import native
+
+    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
+    args = [ptr, ptr, i64, i64, ptr, ptr]
+    return native.function("bernoulli", "vaelab_bernoulli_rows_grad", args)
+
+
 class FusedElbo:
     """Calls :class:`_FusedElboFunction` with a model's weights; see the module docstring."""
 
@@ -145,16 +165,34 @@ class _FusedElboFunction(torch.autograd.Function):
             if acts[i] is not None:
                 g = _act_forward(acts[i], g)
         logits = g.view(n_samples, b, -1)
-        target = xf.expand(n_samples, b, xf.shape[1])
-        bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none").sum(-1)
-        log_px_z = -bce.mean(0) if n_samples > 1 else -bce[0]
+        kernel = _bernoulli_grad_kernel(logits, xf)
+        if kernel is not None:  # log p(x|z) and d(-log p)/dl = sigmoid(l) - x in one pass
+            dlogits = torch.empty_like(logits)
+            log_p = logits.new_empty(n_samples, b)
+            step = b * xf.shape[1] * logits.element_size()
+            for s in range(n_samples):  # x is shared by the L samples
+                kernel(
+                    logits.data_ptr() + s * step,
+                    xf.data_ptr(),
+                    b,
+                    xf.shape[1],
+                    log_p[s].data_ptr(),
+                    dlogits.data_ptr() + s * step,
+                )
+        else:
+            target = xf.expand(n_samples, b, xf.shape[1])
+            bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
+            log_p, dlogits = -bce.sum(-1), None
+        log_px_z = log_p.mean(0) if n_samples > 1 else log_p[0]
         var = std * std
         kl_per_dim = 0.5 * (mu * mu + var - 1.0 - logvar)
         kl = kl_per_dim.sum(-1)
         elbo = log_px_z - kl
         loss = (beta * kl - log_px_z).mean()
         ctx.acts, ctx.n_enc = acts, n_enc
-        ctx.save_for_backward(xf, eps, beta, mu, std, var, logits, *enc_in, h, *dec_in, *params)
+        ctx.kernel_grad = dlogits is not None
+        saved_l = dlogits if dlogits is not None else logits
+        ctx.save_for_backward(xf, eps, beta, mu, std, var, saved_l, *enc_in, h, *dec_in, *params)
         ctx.n_in = (len(enc_in), len(dec_in))
         ctx.mark_non_differentiable(elbo, log_px_z, kl, kl_per_dim)
         return loss, elbo, log_px_z, kl, kl_per_dim
@@ -174,7 +212,10 @@ class _FusedElboFunction(torch.autograd.Function):
         scale = grad_loss / b  # d loss / d (per-image term)
         grads: list[torch.Tensor | None] = [None] * len(params)
         # Bernoulli on logits: d(-log p)/dl = sigmoid(l) - x, averaged over the L samples
-        dy = torch.sigmoid(logits).sub_(xf).mul_(scale / n_samples).view(n_samples * b, -1)
+        if ctx.kernel_grad:  # saved by the forward's kernel
+            dy = (logits * (scale / n_samples)).view(n_samples * b, -1)
+        else:
+            dy = torch.sigmoid(logits).sub_(xf).mul_(scale / n_samples).view(n_samples * b, -1)
         outputs = list(dec_in[1:]) + [None]  # output of decoder layer i (its activation's y)
         for j in reversed(range(len(dec_in))):
             i = n_enc + j
