@@ -22,12 +22,11 @@ anything else runs through autograd as before.
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vaelab import native
 from vaelab.objectives import ObjectiveOutput, capacity_schedule
 
 # Activations whose derivative follows from their output y.
@@ -99,22 +98,6 @@ def fused_elbo_for(model: nn.Module, objective) -> FusedElbo | None:
     return FusedElbo(model, encoder, decoder)
 
 
-def _bernoulli_grad_kernel(logits: torch.Tensor, xf: torch.Tensor):
-    """The C kernel of :mod:`vaelab.native` for contiguous float32 CPU tensors, else None."""
-    if not (
-        logits.device.type == "cpu"
-        and logits.dtype == torch.float32 == xf.dtype
-        and logits.is_contiguous()
-        and xf.is_contiguous()
-    ):
-        return None
-    from vaelab import native
-
-    ptr, i64 = ctypes.c_void_p, ctypes.c_int64
-    args = [ptr, ptr, i64, i64, ptr, ptr]
-    return native.function("bernoulli", "vaelab_bernoulli_rows_grad", args)
-
-
 class FusedElbo:
     """Calls :class:`_FusedElboFunction` with a model's weights; see the module docstring."""
 
@@ -165,7 +148,7 @@ class _FusedElboFunction(torch.autograd.Function):
             if acts[i] is not None:
                 g = _act_forward(acts[i], g)
         logits = g.view(n_samples, b, -1)
-        kernel = _bernoulli_grad_kernel(logits, xf)
+        kernel = native.bernoulli_rows_grad(logits, xf)
         if kernel is not None:  # log p(x|z) and d(-log p)/dl = sigmoid(l) - x in one pass
             dlogits = torch.empty_like(logits)
             log_p = logits.new_empty(n_samples, b)

@@ -27,6 +27,8 @@ import threading
 from importlib import resources
 from pathlib import Path
 
+import torch
+
 # Flag sets tried in order (the first that compiles and links wins).
 _FLAG_SETS = (
     (["-O3", "-march=native", "-mprefer-vector-width=512", "-ffast-math"], ["-lmvec", "-lm"]),
@@ -136,6 +138,31 @@ def function(name: str, symbol: str, argtypes: list, restype=None):
             fn.argtypes, fn.restype = argtypes, restype
         _functions[key] = fn
     return fn
+
+
+def _cpu_float32(*tensors) -> bool:
+    return all(
+        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
+    )
+
+
+_PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
+
+
+def bernoulli_rows(logits):
+    """``vaelab_bernoulli_rows(logits, rows, d, out)`` of ``csrc/bernoulli.c`` if it applies to
+    ``logits`` (contiguous float32 on the CPU) and is available, else None."""
+    if not _cpu_float32(logits):
+        return None
+    return function("bernoulli", "vaelab_bernoulli_rows", [_PTR, _I64, _I64, _PTR])
+
+
+def bernoulli_rows_grad(logits, x):
+    """``vaelab_bernoulli_rows_grad(logits, x, rows, d, log_p, grad)`` of ``csrc/bernoulli.c``
+    if it applies to ``logits`` and ``x`` (contiguous float32 on the CPU), else None."""
+    if not _cpu_float32(logits, x):
+        return None
+    return function("bernoulli", "vaelab_bernoulli_rows_grad", [_PTR, _PTR, _I64, _I64, _PTR, _PTR])
 
 
 def why_not(name: str) -> str | None:

@@ -21,11 +21,11 @@ All three give the same numbers up to float rounding (tested against each other)
 
 from __future__ import annotations
 
-import ctypes
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from vaelab import native as vaelab_native
 
 # Products of this many factors in [1/2, 1) stay above float32's smallest normal (2^-126).
 GROUP = 112
@@ -56,7 +56,7 @@ def bernoulli_log_prob(
         )
     if x_dot_logits is None:
         x_dot_logits = torch.bmm(logits, (x - 0.5).unsqueeze(-1)).squeeze(-1)
-    kernel = _native_kernel(logits) if native else None
+    kernel = None if not native or logits.requires_grad else vaelab_native.bernoulli_rows(logits)
     if kernel is not None:  # -1/2 sum |l| + sum log sigmoid(|l|) in one pass
         rest = torch.empty(logits.shape[:2], dtype=logits.dtype)
         kernel(logits.data_ptr(), rest.numel(), logits.shape[2], rest.data_ptr())
@@ -65,21 +65,6 @@ def bernoulli_log_prob(
     abs_sum = a.sum(-1)
     torch.sigmoid(a, out=a)
     return x_dot_logits - 0.5 * abs_sum + sum_log_groups(a)
-
-
-def _native_kernel(logits: torch.Tensor):
-    """The C kernel for ``logits`` (contiguous float32 on the CPU, no autograd), else None."""
-    if not (
-        logits.device.type == "cpu"
-        and logits.dtype == torch.float32
-        and logits.is_contiguous()
-        and not logits.requires_grad
-    ):
-        return None
-    from vaelab import native
-
-    args = [ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
-    return native.function("bernoulli", "vaelab_bernoulli_rows", args)
 
 
 def sum_log_groups(a: torch.Tensor) -> torch.Tensor:
