@@ -103,7 +103,6 @@ class FusedElbo:
 
     def __init__(self, model: nn.Module, encoder: list, decoder: list) -> None:
         self.model = model
-        self.encoder, self.decoder = encoder, decoder
         self.acts = tuple(a for _, a in encoder) + tuple(a for _, a in decoder)
         self.n_enc = len(encoder)
         self.params: list[torch.Tensor] = []
@@ -183,7 +182,7 @@ class _FusedElboFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, *_unused):
         saved = ctx.saved_tensors
-        xf, eps, beta, mu, std, var, logits = saved[:7]
+        xf, eps, beta, mu, std, var, saved_l = saved[:7]  # saved_l: dlogits or logits
         n_e, n_d = ctx.n_in
         enc_in = saved[7 : 7 + n_e]
         head = saved[7 + n_e]
@@ -195,10 +194,11 @@ class _FusedElboFunction(torch.autograd.Function):
         scale = grad_loss / b  # d loss / d (per-image term)
         grads: list[torch.Tensor | None] = [None] * len(params)
         # Bernoulli on logits: d(-log p)/dl = sigmoid(l) - x, averaged over the L samples
-        if ctx.kernel_grad:  # saved by the forward's kernel
-            dy = (logits * (scale / n_samples)).view(n_samples * b, -1)
+        if ctx.kernel_grad:  # computed by the forward's kernel
+            dy = saved_l * (scale / n_samples)
         else:
-            dy = torch.sigmoid(logits).sub_(xf).mul_(scale / n_samples).view(n_samples * b, -1)
+            dy = torch.sigmoid(saved_l).sub_(xf).mul_(scale / n_samples)
+        dy = dy.view(n_samples * b, -1)
         outputs = list(dec_in[1:]) + [None]  # output of decoder layer i (its activation's y)
         for j in reversed(range(len(dec_in))):
             i = n_enc + j
@@ -210,10 +210,8 @@ class _FusedElboFunction(torch.autograd.Function):
         dz = dy.view(n_samples, b, zdim)
         sb = scale * beta
         dmu = (dz.sum(0) if n_samples > 1 else dz[0]) + sb * mu
-        dlogvar = (dz * eps).sum(0).mul_(0.5 * std) if n_samples > 1 else dz[0] * eps[0] * std
-        if n_samples == 1:
-            dlogvar.mul_(0.5)
-        dlogvar += (0.5 * sb) * (var - 1.0)
+        dz_eps = (dz * eps).sum(0) if n_samples > 1 else dz[0] * eps[0]
+        dlogvar = dz_eps.mul_(std).mul_(0.5).add_((0.5 * sb) * (var - 1.0))
         dy = torch.cat([dmu, dlogvar], 1)
         enc_out = list(enc_in[1:]) + [head]
         for i in reversed(range(n_enc)):
