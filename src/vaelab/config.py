@@ -39,7 +39,8 @@ class ModelConfig:
     channel counts per resolution for the convolutional families (``conv``, ``dcgan``, ``resnet``).
     An empty tuple takes the architecture's own default (mlp: 400; conv: 32, 64, 32; dcgan:
     32, 64, 128, 256; resnet: 64, 128). ``dropout`` 0 means the architecture's default (0 for
-    mlp, 0.25 for conv).
+    mlp, 0.25 for conv). ``batch_norm`` applies to ``dcgan`` only (the other architectures
+    have no batch normalisation, so they are the same function in train and eval mode).
     """
 
     arch: str = "mlp"
