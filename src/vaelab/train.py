@@ -567,7 +567,7 @@ class _Loop:
             (n, x.shape[0], self.model.latent_dim),
             generator=self.noise,
             device=x.device,
-            dtype=x.dtype,
+            dtype=self.params[0].dtype,
         )
 
     def _compiled_objective(self, x: torch.Tensor, step: int):
