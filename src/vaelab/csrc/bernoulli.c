@@ -17,6 +17,21 @@
 #define LANES 16
 #define BLOCK 1024
 
+/* sum_i log t[i] for n <= BLOCK factors in [1, 2], as LANES logs of products of at most 64
+ * factors each (at most 2^64, far inside float32). t must hold a whole number of lanes: the
+ * padding is filled with ones here. */
+static inline float sum_log(float *restrict t, int64_t n) {
+  const int64_t padded = (n + LANES - 1) / LANES * LANES;
+  for (int64_t i = n; i < padded; ++i) t[i] = 1.f;
+  float prod[LANES];
+  for (int j = 0; j < LANES; ++j) prod[j] = 1.f;
+  for (int64_t b = 0; b < padded; b += LANES)
+    for (int j = 0; j < LANES; ++j) prod[j] *= t[b + j];
+  float out = 0.f;
+  for (int j = 0; j < LANES; ++j) out += logf(prod[j]);
+  return out;
+}
+
 void vaelab_bernoulli_rows(const float *restrict logits, int64_t rows, int64_t d,
                            float *restrict out) {
   float t[BLOCK];
@@ -25,19 +40,13 @@ void vaelab_bernoulli_rows(const float *restrict logits, int64_t rows, int64_t d
     float abs_sum = 0.f, log_sum = 0.f;
     for (int64_t start = 0; start < d; start += BLOCK) {
       const int64_t n = d - start < BLOCK ? d - start : BLOCK;
-      const int64_t padded = (n + LANES - 1) / LANES * LANES;
       const float *q = p + start;
       for (int64_t i = 0; i < n; ++i) {
         const float a = fabsf(q[i]);
         abs_sum += a;
         t[i] = 1.f + expf(-a);
       }
-      for (int64_t i = n; i < padded; ++i) t[i] = 1.f;
-      float prod[LANES];
-      for (int j = 0; j < LANES; ++j) prod[j] = 1.f;
-      for (int64_t b = 0; b < padded; b += LANES)
-        for (int j = 0; j < LANES; ++j) prod[j] *= t[b + j];
-      for (int j = 0; j < LANES; ++j) log_sum += logf(prod[j]);
+      log_sum += sum_log(t, n);
     }
     out[r] = -0.5f * abs_sum - log_sum;
   }
@@ -62,7 +71,6 @@ void vaelab_bernoulli_rows_grad(const float *restrict logits, const float *restr
     float lin = 0.f, log_sum = 0.f;
     for (int64_t start = 0; start < d; start += BLOCK) {
       const int64_t n = d - start < BLOCK ? d - start : BLOCK;
-      const int64_t padded = (n + LANES - 1) / LANES * LANES;
       const float *q = p + start, *xq = xr + start;
       float *gq = gr + start;
       for (int64_t i = 0; i < n; ++i) {
@@ -73,12 +81,7 @@ void vaelab_bernoulli_rows_grad(const float *restrict logits, const float *restr
         t[i] = one_e;
         gq[i] = (l >= 0.f ? 1.f : e) / one_e - xq[i];
       }
-      for (int64_t i = n; i < padded; ++i) t[i] = 1.f;
-      float prod[LANES];
-      for (int j = 0; j < LANES; ++j) prod[j] = 1.f;
-      for (int64_t b = 0; b < padded; b += LANES)
-        for (int j = 0; j < LANES; ++j) prod[j] *= t[b + j];
-      for (int j = 0; j < LANES; ++j) log_sum += logf(prod[j]);
+      log_sum += sum_log(t, n);
     }
     log_p[r] = lin - log_sum;
   }
