@@ -214,6 +214,7 @@ def main() -> None:
         ),
         "path": LogLikelihoodRunner(model, torch.float32).path,
         "per_pixel": "C kernel" if native.load("bernoulli") else native.why_not("bernoulli"),
+        "first_layer": "C kernel" if native.load("mlp") else native.why_not("mlp"),
         "images": n,
         "k": args.k,
         "rows_per_chunk": rows,
@@ -244,7 +245,7 @@ def main() -> None:
     print(
         f"IS log-likelihood, k={args.k}, {n} MNIST test images, 784-400-20 MLP ({out['path']}), "
         f"{workers} worker(s), {out['torch_threads']} torch threads on {out['cpu']}; "
-        f"per-pixel work: {out['per_pixel']}\n"
+        f"per-pixel work: {out['per_pixel']}; first layer: {out['first_layer']}\n"
         f"  time                 {is_s:8.2f} s   ({out['achieved_gflops']} GFLOP/s of decoder work)\n"
         f"  decoder FLOPs        {flops / 1e12:8.3f} TFLOP ({per_sample:,} per sample)\n"
         f"  matmul throughput    {best:8.1f} GFLOP/s (best fp32 addmm {rows}x400x784 of "

@@ -107,18 +107,53 @@ def test_a_failing_compiler_is_reported_not_raised(fresh_cache, monkeypatch, tmp
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
-def test_importance_sampling_same_with_and_without_the_kernel(fresh_cache, monkeypatch):
+@pytest.mark.parametrize("hidden", [(32,), (100, 20)])  # x . logits folded in C / not
+def test_importance_sampling_same_with_and_without_the_kernels(fresh_cache, monkeypatch, hidden):
     from vaelab.config import ModelConfig
     from vaelab.model import build_model
 
     torch.manual_seed(0)
-    cfg = ModelConfig(arch="mlp", hidden=(32,), latent_dim=4, likelihood="bernoulli")
+    cfg = ModelConfig(arch="mlp", hidden=hidden, latent_dim=4, likelihood="bernoulli")
     model = build_model(cfg, (1, 10, 10)).eval()
     x = torch.bernoulli(torch.full((6, 1, 10, 10), 0.3))
     with_c = importance_sampled_log_likelihood(model, [x], k=200, seed=1, rows=100).log_px
-    assert native.why_not("bernoulli") is None
+    assert native.why_not("bernoulli") is None and native.why_not("mlp") is None
+    assert native.load("mlp") is not None  # the first-layer kernel ran
     native._reset()
     monkeypatch.setenv("VAELAB_NATIVE", "0")
     without = importance_sampled_log_likelihood(model, [x], k=200, seed=1, rows=100).log_px
-    assert native.why_not("bernoulli") is not None
+    assert native.why_not("bernoulli") is not None and native.why_not("mlp") is not None
     assert torch.allclose(with_c, without, atol=1e-4)
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("h_out", [1, 7, 16, 64, 100, 400, 401])
+@pytest.mark.parametrize("k_in", [1, 20])
+def test_linear_relu_kernel_matches_torch(fresh_cache, h_out, k_in):
+    """h = [relu(z W^T + b), 1] with row stride H + 1, and h . v per group of rows, for widths
+    that exercise the 64-wide blocks, the 16-wide vectors and the scalar tail."""
+    g = torch.Generator().manual_seed(h_out * 100 + k_in)
+    rows, per, zs = 12, 4, k_in + 1
+    zbuf = torch.randn(rows, zs, generator=g)  # a strided view: the last column is not read
+    weight, bias = torch.randn(h_out, k_in, generator=g), torch.randn(h_out, generator=g)
+    v = torch.randn(rows // per, h_out + 1, generator=g)
+    wt = weight.t().contiguous()
+    kernel = native.linear_relu(zbuf, v, wt, bias)
+    assert kernel is not None, native.why_not("mlp")
+    ref = torch.relu(zbuf[:, :k_in].double() @ weight.double().t() + bias.double())
+    ref = torch.cat([ref, torch.ones(rows, 1, dtype=torch.float64)], 1)
+    ref_dot = (ref.view(rows // per, per, -1) * v.double().unsqueeze(1)).sum(-1).flatten()
+    for with_dot in (True, False):
+        h, dot = torch.full((rows, h_out + 1), float("nan")), torch.full((rows,), float("nan"))
+        kernel(
+            zbuf.data_ptr(), zs, rows, wt.data_ptr(), bias.data_ptr(), k_in, h_out,
+            h.data_ptr(), v.data_ptr() if with_dot else None, per,
+            dot.data_ptr() if with_dot else None,
+        )  # fmt: skip
+        assert torch.allclose(h.double(), ref, atol=1e-5)
+        if with_dot:
+            assert torch.allclose(dot.double(), ref_dot, rtol=1e-5, atol=1e-4)
+        else:
+            assert dot.isnan().all()  # untouched
+    assert native.linear_relu(zbuf.t(), v, wt, bias) is None  # not contiguous: not applicable
+    assert native.linear_relu(zbuf.double(), v, wt, bias) is None

@@ -165,6 +165,19 @@ def bernoulli_rows_grad(logits, x):
     return function("bernoulli", "vaelab_bernoulli_rows_grad", [_PTR, _PTR, _I64, _I64, _PTR, _PTR])
 
 
+def linear_relu(*tensors):
+    """``vaelab_linear_relu(z, zs, rows, wt, bias, k_in, h_out, h, v, per, dot)`` of
+    ``csrc/mlp.c`` (an MLP decoder's first layer + ReLU, optionally dotted with a per-group
+    vector) if it applies to ``tensors`` (contiguous float32 on the CPU), else None."""
+    if not _cpu_float32(*tensors):
+        return None
+    return function(
+        "mlp",
+        "vaelab_linear_relu",
+        [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR],
+    )
+
+
 def why_not(name: str) -> str | None:
     """Why :func:`load` returned ``None`` for ``name`` (``None`` if it loaded or was not tried)."""
     return _why_not.get(name)

@@ -13,7 +13,10 @@ both where it can:
   chunk after chunk as bias-free matrix products (a ones column carries the bias), activations
   run in place, and the term x . logits is folded into the last layer,
   x . (h W^T + b) = h . (W^T x) + b . x, a matrix-vector product over the hidden units instead
-  of a pass over the pixels.
+  of a pass over the pixels. A first Linear + ReLU runs in one C kernel pass (float32 on the
+  CPU, :mod:`vaelab.native`; its inner dimension is only the latent size, where a library
+  product is far from its peak), which with one hidden layer also computes that product
+  while each row of h is still in registers.
 * Anything else runs ``model.decode(z).log_prob(x)`` unchanged.
 
 All three give the same numbers up to float rounding (tested against each other).
@@ -132,6 +135,19 @@ class _AugmentedMLP:
                 self.steps.append(("act", m))
         self.w_last = self.steps[-1][1]  # (D, H + 1)
         self._bufs: list[torch.Tensor] = []
+        # Linear + ReLU first: one C kernel pass (vaelab/csrc/mlp.c) instead of a product and
+        # a ReLU pass; with one hidden layer it also yields x . logits (see __call__).
+        self.first = None
+        if (
+            len(self.steps) > 2
+            and self.steps[0][0] == "linear"
+            and type(self.steps[1][1]) is nn.ReLU
+        ):
+            first = layers[0]
+            bias = (
+                first.bias if first.bias is not None else first.weight.new_zeros(first.out_features)
+            )
+            self.first = (first.weight.detach().t().contiguous(), bias.detach().contiguous())
 
     def buffers(self, rows: int) -> list[torch.Tensor]:
         """Input buffers (rows, width + 1) with a ones column, then the output (rows, D)."""
@@ -155,8 +171,21 @@ class _AugmentedMLP:
         bufs = self.buffers(b * n)
         if z.data_ptr() != bufs[0].data_ptr():
             bufs[0][:, :-1].copy_(z.reshape(b * n, zdim))
-        i, t = 0, bufs[0]
-        for kind, op in self.steps[:-1]:
+        v = self.prepare(x) if aux is None else aux
+        i, t, start, x_dot = 0, bufs[0], 0, None
+        kernel = None if self.first is None else vaelab_native.linear_relu(bufs[0], v, *self.first)
+        if kernel is not None:  # first Linear + ReLU in one pass; one hidden layer: x . logits too
+            wt, bias = self.first
+            if len(self.steps) == 3:
+                x_dot = v.new_empty(b, n)
+            kernel(
+                bufs[0].data_ptr(), zdim + 1, b * n, wt.data_ptr(), bias.data_ptr(), zdim,
+                wt.shape[1], bufs[1].data_ptr(),
+                None if x_dot is None else v.data_ptr(), n,
+                None if x_dot is None else x_dot.data_ptr(),
+            )  # fmt: skip
+            i, t, start = 1, bufs[1][:, :-1], 2
+        for kind, op in self.steps[start:-1]:
             if kind == "linear":
                 i += 1
                 t = torch.mm(bufs[i - 1], op.t(), out=bufs[i][:, :-1])
@@ -165,8 +194,8 @@ class _AugmentedMLP:
             else:
                 t.copy_(op(t))
         h = bufs[-2]  # (rows, H + 1), ones column included
-        v = self.prepare(x) if aux is None else aux
-        x_dot = torch.bmm(h.view(b, n, -1), v.unsqueeze(-1)).squeeze(-1)  # (b, n)
+        if x_dot is None:
+            x_dot = torch.bmm(h.view(b, n, -1), v.unsqueeze(-1)).squeeze(-1)  # (b, n)
         logits = torch.mm(h, self.w_last.t(), out=bufs[-1])
         return bernoulli_log_prob(logits.view(b, n, -1), x.reshape(b, -1), x_dot)
 
