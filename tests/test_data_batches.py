@@ -7,7 +7,7 @@ from dataclasses import replace
 import pytest
 import torch
 
-from vaelab.data import BatchIterator, DataInfo, ImageSet, binarized_info, to_float
+from vaelab.data import BatchIterator, DataInfo, ImageSet, binarized_info, mean_image, to_float
 
 INFO = DataInfo("toy", (1, 4, 4), "8bit", 10)
 
@@ -98,3 +98,26 @@ def test_batches_on_cuda_match_cpu_order():
     assert gpu._images.device.type == "cuda"
     for a, b in zip(cpu.epoch(3), gpu.epoch(3), strict=True):
         assert b.device.type == "cuda" and torch.equal(a, b.cpu())
+
+
+def test_mean_image_is_the_expected_training_image():
+    """Grey levels: the mean of x / 255; dynamic binarization: the same expectation, with no
+    random draws (the global RNG is untouched); threshold: the mean of the 0/1 images; a
+    cap on images reads evenly spaced ones."""
+    data = toy(103)  # image i is i / 255 everywhere
+    expect = torch.arange(103, dtype=torch.float64).mean() / 255
+    got = mean_image(data)
+    assert got.shape == (1, 4, 4) and got.dtype == torch.float64
+    assert torch.allclose(got, expect.expand(1, 4, 4))
+    state = torch.random.get_rng_state()
+    dyn = ImageSet(data.images, None, binarized_info(INFO, "dynamic"))
+    assert torch.allclose(mean_image(dyn), got)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    bright = ImageSet(data.images * 2, None, binarized_info(INFO, "threshold"))  # 2i > 127.5
+    assert torch.allclose(mean_image(bright), torch.full((1, 4, 4), 39 / 103, dtype=torch.float64))
+    assert torch.allclose(
+        mean_image(data, max_images=3), torch.full((1, 4, 4), 51 / 255.0, dtype=torch.float64)
+    )
+    assert torch.allclose(mean_image(data, max_images=50, chunk=7), mean_image(data, max_images=50))
+    with pytest.raises(ValueError, match="empty"):
+        mean_image(data.subset(slice(0, 0)))

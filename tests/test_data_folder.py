@@ -9,7 +9,14 @@ import pytest
 import torch
 from PIL import Image
 
-from vaelab.data import BatchIterator, ImageSet, StreamingImageSet, load_dataset, load_folder
+from vaelab.data import (
+    BatchIterator,
+    ImageSet,
+    StreamingImageSet,
+    load_dataset,
+    load_folder,
+    mean_image,
+)
 
 RNG = np.random.default_rng(0)
 
@@ -105,3 +112,5 @@ def test_streaming_matches_in_memory(tmp_path):
         a.epoch(2, start_batch=1), b.epoch(2, start_batch=1), strict=True
     ):
         assert torch.equal(xa, xb) and torch.equal(ya, yb)
+    # the mean image (init_output_bias) reads streamed files one by one: the same figure
+    assert torch.allclose(mean_image(streamed.train), mean_image(mem.train), atol=1e-12)

@@ -1,6 +1,7 @@
 """The VAE and its architectures: shapes, gradients, save/load round trips, parameter counts."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -138,3 +139,78 @@ def test_temperature_zero_samples_the_prior_mean():
     model = build_model(ModelConfig(latent_dim=2, hidden=(8,)), (1, 8, 8)).eval()
     a = model.sample(3, temperature=0.0)
     assert torch.allclose(a, model.decode(torch.zeros(1, 2)).mean.expand(3, -1, -1, -1))
+
+
+# ------------------------------------------------------------------ init_output_bias
+
+
+def _mean_image(shape, seed=0):
+    return torch.rand(shape, generator=torch.Generator().manual_seed(seed)) * 0.9 + 0.05
+
+
+@pytest.mark.parametrize(
+    "likelihood,link", [("bernoulli", "sigmoid"), ("gaussian", "sigmoid"), ("gaussian", "identity")]
+)
+def test_output_bias_gives_the_data_mean_when_hidden_units_are_silent(likelihood, link):
+    """MLP decoder: a bias per pixel. With the output layer's weights zeroed, every z decodes
+    to a distribution whose mean is exactly the mean image."""
+    from vaelab.model import init_output_bias
+
+    torch.manual_seed(0)
+    shape = (1, 5, 6)
+    cfg = ModelConfig(
+        arch="mlp", hidden=(16,), latent_dim=3, likelihood=likelihood, gaussian_link=link
+    )
+    model = build_model(cfg, shape)
+    mean = _mean_image(shape)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    assert "per pixel" in init_output_bias(model, mean)
+    changed = [k for k, v in model.state_dict().items() if not torch.equal(v, before[k])]
+    assert changed == ["decoder.2.bias"]  # nothing but the output layer's bias
+    with torch.no_grad():
+        model.decoder[2].weight.zero_()
+    got = model.decode(torch.randn(4, 3)).mean
+    assert torch.allclose(got, mean.float().expand(4, *shape), atol=1e-6)
+
+
+def test_output_bias_per_channel_for_a_conv_decoder():
+    from vaelab.model import init_output_bias
+
+    torch.manual_seed(0)
+    shape = (3, 32, 32)
+    model = build_model(ModelConfig(arch="conv", latent_dim=4, likelihood="bernoulli"), shape)
+    mean = _mean_image(shape)
+    assert "per channel" in init_output_bias(model, mean)
+    last = [m for m in model.decoder.modules() if isinstance(m, torch.nn.ConvTranspose2d)][-1]
+    level = mean.double().mean((1, 2)).clamp(1e-3, 1 - 1e-3)
+    assert torch.allclose(last.bias.double(), torch.logit(level), atol=1e-6)
+
+
+def test_output_bias_not_applicable_is_none_and_changes_nothing():
+    from vaelab.model import init_output_bias
+
+    torch.manual_seed(0)
+    shape = (1, 8, 8)
+    for likelihood in ("discretized-logistic", "gaussian-pixel", "continuous-bernoulli"):
+        model = build_model(
+            ModelConfig(arch="mlp", hidden=(8,), latent_dim=2, likelihood=likelihood), shape
+        )
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        assert init_output_bias(model, _mean_image(shape)) is None, likelihood
+        assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    model = build_model(ModelConfig(arch="mlp", hidden=(8,), latent_dim=2), shape)
+    with pytest.raises(ValueError, match=r"\(1, 4, 4\)"):
+        init_output_bias(model, torch.rand(1, 4, 4))
+
+
+def test_output_bias_clamps_constant_pixels():
+    """Pixels that are always 0 or 1 (MNIST's border) get finite logits, +-logit(1 - 1e-3)."""
+    from vaelab.model import init_output_bias
+
+    shape = (1, 2, 2)
+    model = build_model(ModelConfig(arch="mlp", hidden=(4,), latent_dim=2), shape)
+    init_output_bias(model, torch.tensor([[[0.0, 1.0], [0.5, 0.25]]]))
+    edge = math.log(999)
+    assert torch.allclose(
+        model.decoder[2].bias, torch.tensor([-edge, edge, 0.0, -math.log(3)]), atol=1e-5
+    )

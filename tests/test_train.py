@@ -452,3 +452,28 @@ def test_report_gets_the_loaded_data(digits, tmp_path, monkeypatch):
     )
     assert seen["data"] is digits
     assert result.summary["report"].endswith("report.html")
+
+
+def test_new_runs_start_from_the_data_mean_output_bias(digits):
+    """train.init_output_bias (default on): only the decoder's output bias differs from a run
+    without it, it equals the training images' per-pixel log-odds, and the model starts with
+    a far better ELBO. lr = 0 keeps the weights where fit() put them."""
+    from vaelab.data import mean_image
+    from vaelab.objectives import elbo
+
+    on = fit(tiny("train.max_steps=1", "train.lr=0"), data=digits, progress=False).model
+    off = fit(
+        tiny("train.max_steps=1", "train.lr=0", "train.init_output_bias=false"),
+        data=digits,
+        progress=False,
+    ).model
+    a, b = on.state_dict(), off.state_dict()
+    assert [k for k in a if not torch.equal(a[k], b[k])] == ["decoder.2.bias"]
+    logodds = torch.logit(mean_image(digits.train).clamp(1e-3, 1 - 1e-3)).flatten()
+    assert torch.allclose(a["decoder.2.bias"].double(), logodds, atol=1e-5)
+    x = digits.valid.to_float(digits.valid.images, torch.Generator().manual_seed(1))
+    g = [torch.Generator().manual_seed(0) for _ in range(2)]
+    with torch.no_grad():
+        nelbo_on = -elbo(on, x, generator=g[0]).elbo.mean().item()
+        nelbo_off = -elbo(off, x, generator=g[1]).elbo.mean().item()
+    assert nelbo_on < nelbo_off - 5.0, (nelbo_on, nelbo_off)

@@ -105,7 +105,9 @@ class TrainConfig:
     ``tensorboard`` also logs to ``RUN/tensorboard`` when the package is installed.
     ``fused`` lets MLP VAEs with a Bernoulli ELBO use the hand-written gradient of
     :mod:`vaelab.fused_elbo` (same numbers, fewer operations); ``compile`` and ``bf16`` turn it
-    off.
+    off. ``init_output_bias`` starts a new run with the decoder's output bias set so that
+    p(x|z) has the training images' mean (:func:`vaelab.model.init_output_bias`; Bernoulli
+    and Gaussian likelihoods with fixed or per-channel sigma).
     """
 
     epochs: int = 10
@@ -122,6 +124,7 @@ class TrainConfig:
     bf16: bool = False
     compile: bool = False
     fused: bool = True
+    init_output_bias: bool = True
     log_every: int = 50
     checkpoint_every: int = 0
     max_bad_steps: int = 0

@@ -56,6 +56,16 @@ class Likelihood(nn.Module):
     def is_proper(self, value_kind: str) -> bool:
         return value_kind in self.proper_for
 
+    def raw_for_mean(self, mean: torch.Tensor) -> torch.Tensor | None:
+        """The raw decoder output (P*C, H, W) whose distribution has mean ``mean`` (C, H, W)
+        in [0, 1], or None where this likelihood has no such inverse (see
+        :func:`vaelab.model.init_output_bias`). Means are kept 1e-3 inside (0, 1) so the
+        logits stay finite where the data are constant (MNIST's border)."""
+        return None
+
+
+# Means are clamped this far inside (0, 1) before a logit (raw_for_mean).
+_MEAN_MARGIN = 1e-3
 
 # ----------------------------------------------------------------------------------- Bernoulli
 
@@ -140,6 +150,9 @@ class Bernoulli(Likelihood):
     def forward(self, raw: torch.Tensor) -> BernoulliDist:
         return BernoulliDist(raw)
 
+    def raw_for_mean(self, mean: torch.Tensor) -> torch.Tensor:
+        return torch.logit(mean.clamp(_MEAN_MARGIN, 1 - _MEAN_MARGIN))
+
 
 # ----------------------------------------------------------------------------------- Gaussian
 
@@ -187,6 +200,13 @@ class _GaussianBase(Likelihood):
 
     def _loc(self, raw: torch.Tensor) -> torch.Tensor:
         return torch.sigmoid(raw) if self.link == "sigmoid" else raw
+
+    def raw_for_mean(self, mean: torch.Tensor) -> torch.Tensor | None:
+        if self.params_per_channel != 1:  # the decoder also predicts sigma: left as built
+            return None
+        if self.link == "identity":
+            return mean.clone()
+        return torch.logit(mean.clamp(_MEAN_MARGIN, 1 - _MEAN_MARGIN))
 
     def _floored(self, log_sigma: torch.Tensor) -> torch.Tensor:
         # Smooth floor: log_sigma >= log(sigma_floor), so the density cannot blow up.

@@ -115,6 +115,57 @@ def build_model(cfg: ModelConfig | Config, shape: tuple[int, int, int]) -> VAE:
     return VAE(encoder, decoder, likelihood, cfg.latent_dim, shape)
 
 
+def init_output_bias(model: VAE, mean: torch.Tensor) -> str | None:
+    """Set the bias of the decoder's output layer so that, before the hidden units say
+    anything, p(x|z) has the data's mean image ``mean`` (C, H, W) in [0, 1].
+
+    The usual starting point of density models of images (Bernoulli: the per-pixel log-odds
+    of the training set): the first updates then learn structure instead of the average
+    brightness of each pixel. The output layer is the last ``Linear``/``Conv2d``/
+    ``ConvTranspose2d`` with a bias that the decoder runs (found by running it once). A
+    ``Linear`` with one output per raw value gets a bias per pixel; a convolution gets a bias
+    per channel (the likelihood's raw value for the channel's mean level). Only the bias
+    changes; weights and random state are untouched.
+
+    Returns what was set (for logs), or None when it does not apply: the likelihood has no
+    inverse mean (:meth:`~vaelab.likelihoods.Likelihood.raw_for_mean`), or the output layer
+    is none of those.
+    """
+    if tuple(mean.shape) != model.shape:
+        raise ValueError(f"mean image of shape {tuple(mean.shape)} for images {model.shape}")
+    raw = model.likelihood.raw_for_mean(mean.double().clamp(0.0, 1.0))
+    if raw is None:
+        return None
+    ran: list[nn.Module] = []
+    kinds = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
+    hooks = [
+        m.register_forward_hook(lambda mod, i, o: ran.append(mod))
+        for m in model.decoder.modules()
+        if isinstance(m, kinds) and m.bias is not None
+    ]
+    was_training = model.training
+    try:
+        model.eval()
+        with torch.no_grad():
+            model.decoder(torch.zeros(1, model.latent_dim, device=model.device))
+    finally:
+        for h in hooks:
+            h.remove()
+        model.train(was_training)
+    if not ran:
+        return None
+    last = ran[-1]
+    with torch.no_grad():
+        if isinstance(last, nn.Linear) and last.out_features == raw.numel():
+            last.bias.copy_(raw.flatten())
+            return f"{type(model.likelihood).__name__} output bias = the training mean, per pixel"
+        if not isinstance(last, nn.Linear) and last.out_channels == raw.shape[0]:
+            level = mean.double().mean((1, 2), keepdim=True).expand_as(mean)
+            last.bias.copy_(model.likelihood.raw_for_mean(level)[:, 0, 0])
+            return f"{type(model.likelihood).__name__} output bias = the training mean, per channel"
+    return None
+
+
 def count_parameters(module: nn.Module, trainable_only: bool = True) -> int:
     """Number of (trainable) parameters."""
     return sum(p.numel() for p in module.parameters() if p.requires_grad or not trainable_only)

@@ -59,7 +59,7 @@ from vaelab import runs
 from vaelab.config import Config, to_dict
 from vaelab.cpu import denormals_flushed
 from vaelab.devices import describe_hardware, pick_device
-from vaelab.model import VAE, build_model, count_parameters, save_model
+from vaelab.model import VAE, build_model, count_parameters, init_output_bias, save_model
 from vaelab.objectives import beta_schedule, capacity_schedule, compute_objective, elbo
 from vaelab.optim import FusedAdam
 
@@ -323,7 +323,7 @@ class _Loop:
         progress: bool,
         dist=None,
     ) -> None:
-        from vaelab.data import BatchIterator
+        from vaelab.data import BatchIterator, mean_image
 
         tc = cfg.train
         self.cfg, self.data, self.device, self.run_dir = cfg, data, device, run_dir
@@ -332,6 +332,9 @@ class _Loop:
         self.progress = progress and self.writes
         self.t_start = time.perf_counter()
         self.model = build_model(cfg.model, data.info.shape).to(device)
+        self.output_bias = None  # what init_output_bias set (a resumed run loads its own)
+        if tc.init_output_bias:
+            self.output_bias = init_output_bias(self.model, mean_image(data.train).to(device))
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = BatchIterator(data.train, tc.batch_size, seed=cfg.seed, device=device)

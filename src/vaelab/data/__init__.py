@@ -22,6 +22,7 @@ from vaelab.data.base import (
     carve,
     choose_subset,
     concat,
+    mean_image,
     to_float,
 )
 from vaelab.data.batches import BatchIterator, derive_seed
@@ -71,6 +72,7 @@ __all__ = [
     "list_datasets",
     "load_dataset",
     "load_folder",
+    "mean_image",
     "resolve_data_dir",
     "to_float",
     "user_cache_dir",

@@ -92,6 +92,36 @@ def to_float(
     return x.div_(255.0)
 
 
+def mean_image(split, max_images: int = 10_000, chunk: int = 5_000) -> torch.Tensor:
+    """The mean float image (C, H, W), float64, of a split as training sees it.
+
+    Under dynamic binarization this is the expected value x / 255 (no draws, so no random
+    state is used); otherwise the mean of :func:`to_float`. At most ``max_images`` images,
+    evenly spaced through the split, are read (an in-memory :class:`ImageSet` or a
+    :class:`~vaelab.data.StreamingImageSet`, whose files are decoded one by one).
+
+    Raises:
+        ValueError: an empty split.
+    """
+    n = len(split)
+    if n == 0:
+        raise ValueError(f"{split.info.name}: cannot take the mean image of an empty split")
+    idx = torch.linspace(0, n - 1, min(n, max_images)).round().long().unique()
+    total = torch.zeros(split.info.shape, dtype=torch.float64)
+    for start in range(0, len(idx), chunk):
+        part = idx[start : start + chunk]
+        if isinstance(split, ImageSet):
+            u8 = split.images.index_select(0, part)
+        else:
+            u8 = torch.stack([split[int(i)][0] for i in part])
+        if split.info.binarization == "dynamic":
+            x = u8.cpu().to(torch.float64) / 255.0
+        else:
+            x = to_float(u8.cpu(), split.info).double()
+        total += x.sum(0)
+    return total / len(idx)
+
+
 _BINARIZE_NOTES = {
     "dynamic": "binarized dynamically: a fresh Bernoulli(x) draw per batch (Burda et al. 2016)",
     "threshold": "binarized by thresholding x > 0.5",

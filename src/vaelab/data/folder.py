@@ -113,6 +113,8 @@ class StreamingImageSet(Dataset):
         _, h, w = self.info.shape
         x = decode(self.files[i], self.info.shape[0], (h, w))
         y = -1 if self.labels is None else int(self.labels[i])
+        if not x.flags.writeable:  # torch wants to own writable memory
+            x = x.copy()
         return torch.from_numpy(x), torch.tensor(y, dtype=torch.long)
 
     def __repr__(self) -> str:
