@@ -885,7 +885,8 @@ def _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir, dist) 
         procs = "" if dist is None else f" x {dist.world_size} processes ({dist.backend})"
         print(
             f"vaelab: training {cfg.name}: {data.describe()}; {cfg.model.arch}, "
-            f"{count_parameters(loop.model):,} parameters, {device}{procs}{where}",
+            f"{count_parameters(loop.model):,} parameters, {device}{procs}{where}"
+            + (f"; {loop.output_bias}" if loop.output_bias and ckpt is None else ""),
             file=sys.stderr,
         )
     loop.open_files(ckpt["metrics_offset"] if ckpt else None)

@@ -92,13 +92,13 @@ def to_float(
     return x.div_(255.0)
 
 
-def mean_image(split, max_images: int = 10_000, chunk: int = 5_000) -> torch.Tensor:
+def mean_image(split, max_images: int | None = None, chunk: int = 5_000) -> torch.Tensor:
     """The mean float image (C, H, W), float64, of a split as training sees it.
 
     Under dynamic binarization this is the expected value x / 255 (no draws, so no random
-    state is used); otherwise the mean of :func:`to_float`. At most ``max_images`` images,
-    evenly spaced through the split, are read (an in-memory :class:`ImageSet` or a
-    :class:`~vaelab.data.StreamingImageSet`, whose files are decoded one by one).
+    state is used); otherwise the mean of :func:`to_float`. At most ``max_images`` images
+    (default 10,000 held in memory, or 1,000 of a :class:`~vaelab.data.StreamingImageSet`,
+    whose files are decoded one by one), evenly spaced through the split, are read.
 
     Raises:
         ValueError: an empty split.
@@ -106,6 +106,8 @@ def mean_image(split, max_images: int = 10_000, chunk: int = 5_000) -> torch.Ten
     n = len(split)
     if n == 0:
         raise ValueError(f"{split.info.name}: cannot take the mean image of an empty split")
+    if max_images is None:
+        max_images = 10_000 if isinstance(split, ImageSet) else 1_000
     idx = torch.linspace(0, n - 1, min(n, max_images)).round().long().unique()
     total = torch.zeros(split.info.shape, dtype=torch.float64)
     for start in range(0, len(idx), chunk):
