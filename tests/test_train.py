@@ -335,17 +335,6 @@ def test_tensorboard_when_asked(digits, tmp_path):
         assert list((r.run_dir / "tensorboard").iterdir())
 
 
-def test_bf16_outside_cuda_warns_and_trains_in_float32(digits):
-    with pytest.warns(UserWarning, match="bf16 is for CUDA only"):
-        r = fit(
-            tiny("train.max_steps=3", "train.bf16=true", "train.device=cpu"),
-            out_dir=None,
-            data=digits,
-            progress=False,
-        )
-    assert next(r.model.parameters()).dtype == torch.float32
-
-
 @pytest.mark.skipif(
     not os.environ.get("VAELAB_TEST_COMPILE"),
     reason="torch.compile takes ~1 min on CPU; set VAELAB_TEST_COMPILE=1",

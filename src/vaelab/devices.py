@@ -53,6 +53,23 @@ def pick_device(name: str | torch.device = "auto") -> torch.device:
     return torch.device(name)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether bfloat16 autocast pays on ``device``: any CUDA GPU, or a CPU with native bf16
+    arithmetic (AVX512-BF16 or AMX, as oneDNN reports it). Elsewhere bf16 is emulated, slower
+    than float32."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    if device.type != "cpu":
+        return False
+    try:
+        return bool(
+            torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()
+        )
+    except (AttributeError, RuntimeError):  # an older or a stripped-down torch build
+        return False
+
+
 def cpu_model() -> str:
     """The CPU's model name (from /proc/cpuinfo on Linux), or what ``platform`` knows."""
     try:

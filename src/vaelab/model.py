@@ -19,6 +19,9 @@ from vaelab.likelihoods import build_likelihood
 from vaelab.nets import ARCHITECTURES
 
 
+_HALF = (torch.float16, torch.bfloat16)
+
+
 class VAE(nn.Module):
     """A variational autoencoder for images of shape (C, H, W).
 
@@ -61,6 +64,8 @@ class VAE(nn.Module):
         """q(z|x) for a batch x of shape (B, C, H, W) in [0, 1]."""
         self._check(x)
         mu, logvar = self.encoder(x)
+        if mu.dtype in _HALF:  # under autocast: the Gaussian, its KL and samples in float32
+            mu, logvar = mu.float(), logvar.float()
         return DiagonalGaussian(mu, logvar)
 
     def decode(self, z: torch.Tensor):
@@ -71,6 +76,8 @@ class VAE(nn.Module):
         raw = self.decoder(z.reshape(-1, self.latent_dim))
         if len(lead) > 1:
             raw = raw.view(*lead, *raw.shape[1:]).flatten(0, len(lead) - 1)
+        if raw.dtype in _HALF:  # under autocast: log p(x|z) summed over pixels in float32
+            raw = raw.float()
         return self.likelihood(raw)
 
     def forward(self, x: torch.Tensor, generator: torch.Generator | None = None):

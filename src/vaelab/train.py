@@ -58,7 +58,7 @@ import vaelab
 from vaelab import runs
 from vaelab.config import Config, to_dict
 from vaelab.cpu import denormals_flushed
-from vaelab.devices import describe_hardware, pick_device
+from vaelab.devices import cpu_model, describe_hardware, native_bf16, pick_device
 from vaelab.model import VAE, build_model, count_parameters, init_output_bias, save_model
 from vaelab.objectives import beta_schedule, capacity_schedule, compute_objective, elbo
 from vaelab.optim import FusedAdam
@@ -176,6 +176,30 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
         except (RuntimeError, ValueError):  # fused not built for this device/dtype
             pass
     return torch.optim.Adam(params, foreach=True, **kwargs)
+
+
+def _has_convolutions(model: torch.nn.Module) -> bool:
+    kinds = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    return any(isinstance(m, kinds) for m in model.modules())
+
+
+def _match_state_layout(optimizer: torch.optim.Optimizer) -> None:
+    """Give every optimizer state tensor its parameter's memory layout (strides).
+
+    A checkpoint written by a run in another layout (``train.channels_last`` changed between
+    save and resume) loads with the saved strides; the fused Adam kernel walks parameter,
+    gradient and moments as flat memory, so their layouts must agree.
+    """
+    changed = False
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p, {})
+            for k, v in list(state.items()):
+                if torch.is_tensor(v) and v.shape == p.shape and v.stride() != p.stride():
+                    state[k] = torch.empty_like(p, dtype=v.dtype).copy_(v)
+                    changed = True
+    if changed and hasattr(optimizer, "_lean"):
+        optimizer._lean = None  # vaelab.optim.FusedAdam's cached lists
 
 
 def make_scheduler(optimizer, cfg: Config, total_steps: int):
@@ -335,6 +359,10 @@ class _Loop:
         self.output_bias = None  # what init_output_bias set (a resumed run loads its own)
         if tc.init_output_bias:
             self.output_bias = init_output_bias(self.model, mean_image(data.train).to(device))
+        # train.channels_last: convolutional networks train in NHWC (faster in oneDNN/cuDNN)
+        self.channels_last = tc.channels_last and _has_convolutions(self.model)
+        if self.channels_last:
+            self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg, device)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.batches = BatchIterator(data.train, tc.batch_size, seed=cfg.seed, device=device)
@@ -346,14 +374,15 @@ class _Loop:
         self.scheduler = make_scheduler(self.optimizer, cfg, total)
         self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.st = TrainState(cfg, self.model, self.optimizer, run_dir, total, steps_per_epoch)
-        self.autocast = (
-            torch.autocast("cuda", dtype=torch.bfloat16)
-            if tc.bf16 and device.type == "cuda"
-            else nullcontext()
-        )
-        if tc.bf16 and device.type != "cuda":
+        self.autocast = nullcontext()
+        if tc.bf16 and native_bf16(device):  # float32 weights, bf16 products
+            self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
+        elif tc.bf16:
             warnings.warn(
-                f"train.bf16 is for CUDA only; training in float32 on {device}", stacklevel=3
+                f"train.bf16 needs CUDA or a CPU with native bfloat16 arithmetic (AVX512-BF16 "
+                f"or AMX); {device} ({cpu_model() if device.type == 'cpu' else device.type}) "
+                "has none, so this run trains in float32",
+                stacklevel=3,
             )
         # train.compile: the whole objective (networks, likelihood, KL, loss) as one graph for
         # full batches, or (data-parallel, bf16) the encoder and decoder; in place either way,
@@ -437,6 +466,7 @@ class _Loop:
     def load_state_dict(self, ckpt: dict) -> None:
         self.model.load_state_dict(ckpt["model"])
         self.optimizer.load_state_dict(ckpt["optimizer"])
+        _match_state_layout(self.optimizer)  # a checkpoint saved with another memory layout
         if self.scheduler is not None and ckpt["scheduler"] is not None:
             self.scheduler.load_state_dict(ckpt["scheduler"])
         runs.restore_rng_state(ckpt["rng"], self.noise)
@@ -515,6 +545,8 @@ class _Loop:
         """
         tc, st, opt = self.cfg.train, self.st, self.optimizer
         step = st.step
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
         with self.autocast:
             if self.fused is not None:
                 beta = beta_schedule(step, self.cfg.objective, st.total_steps)
@@ -758,6 +790,8 @@ class _Loop:
                 best = runs.load_checkpoint(path)["model"] if path.is_file() else None
             if best is not None:
                 self.model.load_state_dict(best)
+        if self.channels_last:  # release the model in the usual layout
+            self.model.to(memory_format=torch.contiguous_format)
         model, run_dir, tc = self.model.eval(), self.run_dir, self.cfg.train
         summary = _summary(self)
         result = FitResult(model=model, run_dir=run_dir, summary=summary, history=self.history)
@@ -1025,6 +1059,8 @@ def _summary(loop: _Loop) -> dict:
             "test": len(data.test),
         },
         "hardware": describe_hardware(loop.device),
+        "precision": "bf16 autocast" if not isinstance(loop.autocast, nullcontext) else "float32",
+        "channels_last": loop.channels_last,
         "distributed": None if loop.dist is None else loop.dist.describe(),
         "versions": {
             "python": sys.version.split()[0],

@@ -1,0 +1,149 @@
+"""train.channels_last (NHWC for convolutional networks) and train.bf16 (bfloat16 autocast).
+
+Both change how the arithmetic is laid out, never what is computed: a channels-last run ends
+where a contiguous one does, a checkpoint resumes in either layout, and bf16 keeps float32
+weights, optimizer state, KL and log-likelihood.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import vaelab.train as train_mod
+from vaelab.config import load_preset, override
+from vaelab.data import load_dataset
+from vaelab.devices import native_bf16
+from vaelab.model import build_model
+from vaelab.objectives import elbo
+from vaelab.optim import FusedAdam
+from vaelab.runs import load_checkpoint
+from vaelab.train import TrainingInterrupted, fit
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_dataset("digits", binarize="dynamic")
+
+
+def conv_cfg(*overrides: str):
+    """A small resnet VAE on the 8x8 digits: 12 steps, no figures, no report."""
+    base = [
+        "model.arch=resnet",
+        "model.hidden=8,16",
+        "model.latent_dim=4",
+        "train.max_steps=12",
+        "train.log_every=4",
+        "train.figures=false",
+        "train.report=false",
+    ]
+    return override(load_preset("quickstart"), base + list(overrides))
+
+
+def state(model):
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_channels_last_trains_like_contiguous(digits):
+    a = fit(conv_cfg("train.channels_last=false"), out_dir=None, data=digits, progress=False)
+    b = fit(conv_cfg("train.channels_last=true"), out_dir=None, data=digits, progress=False)
+    assert a.summary["channels_last"] is False and b.summary["channels_last"] is True
+    sa, sb = state(a.model), state(b.model)
+    assert sa.keys() == sb.keys()
+    for k in sa:  # same numbers, different summation order inside oneDNN
+        torch.testing.assert_close(sb[k], sa[k], rtol=1e-3, atol=1e-4, msg=k)
+    # the released model is back in the usual layout
+    assert all(p.is_contiguous() for p in b.model.parameters())
+    va, vb = a.history[-1]["elbo"], b.history[-1]["elbo"]
+    assert abs(va - vb) < 1e-2 * abs(va)
+
+
+def test_channels_last_is_ignored_for_mlps(digits):
+    cfg = override(load_preset("quickstart"), ["train.max_steps=3", "train.figures=false"])
+    r = fit(cfg, out_dir=None, data=digits, progress=False)
+    assert r.summary["channels_last"] is False and r.summary["precision"] == "float32"
+
+
+@pytest.mark.parametrize("first, second", [(True, False), (False, True)])
+def test_resume_across_layouts(digits, tmp_path, first, second):
+    """A checkpoint saved in one layout resumes in the other and ends where a straight run
+    in the second layout ends (the optimizer's moments take the parameters' strides)."""
+    straight = fit(
+        conv_cfg(f"train.channels_last={str(second).lower()}"),
+        out_dir=None,
+        data=digits,
+        progress=False,
+    )
+
+    class StopAt:
+        def on_step_end(self, st):
+            if st.step == 6:
+                st.request_stop("test")
+
+    cfg1 = conv_cfg(f"train.channels_last={str(first).lower()}")
+    with pytest.raises(TrainingInterrupted):
+        fit(cfg1, out_dir=tmp_path, data=digits, progress=False, callbacks=[StopAt()])
+    run_dir = tmp_path / cfg1.name
+    ckpt = load_checkpoint(run_dir / "checkpoints" / "last.pt")
+    moments = [s["exp_avg"] for s in ckpt["optimizer"]["state"].values() if s["exp_avg"].dim() == 4]
+    assert moments and all(m.is_contiguous() != first for m in moments if m.shape[1] > 1)
+    # train.* settings may change on resume: continue in the other layout
+    cfg2 = conv_cfg(f"train.channels_last={str(second).lower()}")
+    resumed = fit(cfg2, resume=run_dir, data=digits, progress=False)
+    for k, v in state(straight.model).items():
+        torch.testing.assert_close(state(resumed.model)[k], v, rtol=1e-3, atol=1e-4, msg=k)
+
+
+def test_match_state_layout_fixes_moments():
+    conv = torch.nn.Conv2d(3, 8, 3).to(memory_format=torch.channels_last)
+    opt = FusedAdam(conv.parameters(), lr=1e-2)
+    x = torch.randn(4, 3, 8, 8).contiguous(memory_format=torch.channels_last)
+    conv(x).square().mean().backward()
+    opt.step()
+    w = conv.weight
+    st = opt.state[w]
+    wrong = {k: v.contiguous() for k, v in st.items()}  # as a contiguous run would save them
+    assert wrong["exp_avg"].stride() != w.stride()
+    st.update(wrong)
+    before = {k: v.clone() for k, v in st.items()}
+    train_mod._match_state_layout(opt)
+    for k in ("exp_avg", "exp_avg_sq"):
+        assert st[k].stride() == w.stride()
+        torch.testing.assert_close(st[k], before[k], rtol=0, atol=0)  # same values, new layout
+
+
+def test_encode_decode_return_float32_under_autocast():
+    cfg = override(load_preset("quickstart"), ["model.arch=resnet", "model.hidden=8,16"])
+    model = build_model(cfg.model, (1, 8, 8))
+    x = torch.rand(5, 1, 8, 8).round()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = model.encode(x)
+        p = model.decode(q.rsample())
+        out = elbo(model, x)
+    assert q.mu.dtype == torch.float32 and q.logvar.dtype == torch.float32
+    assert p.log_prob(x).dtype == torch.float32
+    assert out.elbo.dtype == torch.float32 and out.kl.dtype == torch.float32
+    exact = elbo(model, x, eps=None)
+    assert torch.isfinite(out.loss.detach())
+    assert abs(float(out.kl.detach().mean() - exact.kl.detach().mean())) < 0.1
+
+
+@pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no native bf16 on this CPU")
+def test_bf16_on_a_cpu_with_native_bf16(digits):
+    a = fit(conv_cfg("train.bf16=true"), out_dir=None, data=digits, progress=False)
+    b = fit(conv_cfg(), out_dir=None, data=digits, progress=False)
+    assert a.summary["precision"] == "bf16 autocast" and b.summary["precision"] == "float32"
+    assert all(p.dtype == torch.float32 for p in a.model.parameters())
+    va, vb = a.history[-1]["elbo"], b.history[-1]["elbo"]  # 12 steps: close, not equal
+    assert abs(va - vb) < 0.05 * abs(vb)
+    sa, sb = state(a.model), state(b.model)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)  # bf16 really ran
+
+
+def test_bf16_without_native_support_warns_and_trains_in_float32(digits, monkeypatch):
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: False)
+    with pytest.warns(UserWarning, match="native bfloat16"):
+        r = fit(conv_cfg("train.bf16=true", "train.max_steps=3"), out_dir=None, data=digits,
+                progress=False)  # fmt: skip
+    assert r.summary["precision"] == "float32"
+    assert next(r.model.parameters()).dtype == torch.float32
