@@ -18,7 +18,6 @@ from vaelab.distributions import DiagonalGaussian, StandardNormal
 from vaelab.likelihoods import build_likelihood
 from vaelab.nets import ARCHITECTURES
 
-
 _HALF = (torch.float16, torch.bfloat16)
 
 
