@@ -156,6 +156,7 @@ def evaluate(
     max_images: int | None = None,
     probe_train_images: int | None = None,
     workers: int | None = None,
+    loglik_sample: int | None = None,
     progress: bool = True,
     distributed: bool = True,
 ) -> EvalReport:
@@ -177,6 +178,10 @@ def evaluate(
         probe_train_images: fit the linear probe on the first N train images (default all).
         workers: CPU threads for importance sampling (``None``: one per torch thread; see
             :func:`~vaelab.metrics.likelihood.importance_sampled_log_likelihood`).
+        loglik_sample: importance-sample only a random sample of this many images of the split
+            and estimate the split's mean log p(x) as its mean ELBO (every image) plus the
+            sample's mean gap log p(x) - ELBO (a difference estimator; its stderr is that of
+            the estimate of the split's mean, from the sample). ``None``: every image.
         progress: progress bars for the slow metrics (rank 0's only, under torchrun).
         distributed: under torchrun, share the work with the other processes, which must all
             call :func:`evaluate` too (a collective). ``False``: evaluate everything in this
@@ -211,6 +216,7 @@ def evaluate(
             progress=progress and (dist is None or dist.is_main),
             probe_train_images=probe_train_images,
             workers=workers,
+            loglik_sample=loglik_sample,
             requested=explicit,
             dist=dist,
         )

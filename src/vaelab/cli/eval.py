@@ -48,6 +48,14 @@ def register(subparsers) -> None:
     p.add_argument(
         "--images", type=int, default=None, metavar="N", help="only the first N images of the split"
     )
+    p.add_argument(
+        "--loglik-sample",
+        type=int,
+        default=None,
+        metavar="N",
+        help="importance-sample only N random images; log p(x) of the split = its mean ELBO "
+        "+ the sample's mean gap log p(x) - ELBO, with that estimate's stderr",
+    )
     p.add_argument("--no-write", action="store_true", help="do not write RUN/eval.json")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     p.add_argument(
@@ -70,6 +78,7 @@ def _child_argv(args: argparse.Namespace) -> list[str]:
     argv += ["--feature-net", args.feature_net, "--batch-size", str(args.batch_size)]
     argv += ["--device", args.device]
     argv += ["--images", str(args.images)] if args.images is not None else []
+    argv += ["--loglik-sample", str(args.loglik_sample)] if args.loglik_sample else []
     argv += ["--json"] if args.json else []
     argv += ["--no-write"] if args.no_write else []
     argv += ["--quiet"] if args.quiet else []
@@ -100,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         feature_net=args.feature_net,
         max_images=args.images,
+        loglik_sample=args.loglik_sample,
         progress=not args.quiet and not args.json,
     )
     if is_main_process():  # under torchrun, rank 0 alone reports

@@ -167,6 +167,7 @@ class EvalContext:
     progress: bool = False
     probe_train_images: int | None = None
     workers: int | None = None  # importance-sampling threads (None: automatic)
+    loglik_sample: int | None = None  # importance-sample only this many random images
     requested: bool = False  # True when the metric was named explicitly (errors then raise)
     dist: Any = None  # vaelab.distributed.Distributed under torchrun, else None
 
