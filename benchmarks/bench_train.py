@@ -37,6 +37,10 @@ Figures:
   ``--check-every`` steps, first is <= target (the clock stops during each check).
 * peak memory: the training process's resident-set high-water mark (VmHWM), data included.
 
+``--device cuda`` (or ``auto``) trains both contenders on the GPU: the reference moves each
+batch there as pytorch/examples does, vaelab keeps the data resident on the device; clocks and
+the matmul cap synchronise with the device, and peak device memory is reported too.
+
 MNIST comes from ``--data-dir``, ``$VAELAB_DATA_DIR`` or ../shared/data beside the repository.
 """
 
@@ -77,6 +81,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--warmup", type=int, default=3, help="conv/dcgan: untimed first steps")
     p.add_argument("--seed", type=int, default=0, help="round r uses seed + r (both contenders)")
     p.add_argument("--data-dir", default=None)
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto: where both contenders train")
     p.add_argument(
         "--vaelab-set",
         nargs="*",
@@ -162,6 +167,15 @@ def loss_function(recon_x, x, mu, logvar):
 # ------------------------------------------------------------------------------ shared pieces
 
 
+DEVICE = torch.device("cpu")  # set from --device in each worker
+
+
+def sync() -> None:
+    """Wait for the device's queued work (CUDA runs asynchronously), so a clock reads it."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
+
+
 class Clock:
     """Training seconds, with the clock stopped while evaluating."""
 
@@ -170,10 +184,12 @@ class Clock:
 
     def start(self) -> None:
         if self._t0 is None:
+            sync()
             self._t0 = time.perf_counter()
 
     def stop(self) -> None:
         if self._t0 is not None:
+            sync()
             self.total += time.perf_counter() - self._t0
             self._t0 = None
 
@@ -185,9 +201,9 @@ def test_elbo(encode, decode_logits, x_test: torch.Tensor, seed: int = 0) -> flo
     g = torch.Generator().manual_seed(seed)
     total = 0.0
     for i in range(0, len(x_test), 1000):
-        x = x_test[i : i + 1000]
+        x = x_test[i : i + 1000].to(DEVICE)
         mu, logvar = encode(x)
-        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g)
+        z = mu + torch.exp(0.5 * logvar) * torch.randn(mu.shape, generator=g).to(DEVICE)
         logits = decode_logits(z).reshape(len(x), -1)
         rec = F.binary_cross_entropy_with_logits(logits, x.reshape(len(x), -1), reduction="none")
         kl = 0.5 * (mu.pow(2) + logvar.exp() - 1.0 - logvar).sum(1)
@@ -230,6 +246,13 @@ class TargetWatch:
         self.pending.clear()
 
 
+def peak_device_mb() -> float | None:
+    """Peak memory allocated on the CUDA device in MB (None on the CPU)."""
+    if DEVICE.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(DEVICE) / 2**20
+
+
 def peak_rss_mb() -> float:
     """This process's resident-set high-water mark in MB (VmHWM; ru_maxrss elsewhere)."""
     try:
@@ -250,6 +273,7 @@ def vaelab_config(args, arch: str, extra: list[str]):
         f"seed={args.seed}",
         f"train.batch_size={args.batch}",
         f"train.threads={args.threads}",
+        f"train.device={args.device}",
         "train.figures=false",
         "train.report=false",
         *extra,
@@ -275,8 +299,12 @@ def random_splits(n: int, shape=(3, 64, 64), seed: int = 0):
 
 def run_worker(args) -> dict:
     """One contender, one run, in this process; returns its figures."""
+    global DEVICE
     torch.set_num_threads(args.threads)
     from vaelab.data import load_dataset
+    from vaelab.devices import pick_device
+
+    DEVICE = pick_device(args.device)
 
     if args.shape == "mnist":
         data = load_dataset("mnist", data_dir(args.data_dir), download=False)
@@ -288,6 +316,7 @@ def run_worker(args) -> dict:
     else:
         out = throughput_run(args, data)
     out["peak_rss_mb"] = peak_rss_mb()
+    out["peak_device_mb"] = peak_device_mb()
     return out
 
 
@@ -297,10 +326,10 @@ def mlp_reference(args, data) -> dict:
     torch.manual_seed(args.seed)
     train_x = data.train.to_float(data.train.images)  # (50000, 1, 28, 28) float32
     x_test = data.test.to_float(data.test.images)
-    model = ReferenceVAE()
+    model = ReferenceVAE().to(DEVICE)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
     loader = DataLoader(TensorDataset(train_x), batch_size=args.batch, shuffle=True)
-    shadow = ReferenceVAE()  # scores the weight copies
+    shadow = ReferenceVAE().to(DEVICE)  # scores the weight copies
     encode, decode = (lambda x: shadow.encode(x.view(-1, 784))), shadow.logits
     clock = Clock()
     watch = TargetWatch(clock, x_test, args.target, args.check_every, shadow, encode, decode)
@@ -310,6 +339,7 @@ def mlp_reference(args, data) -> dict:
         model.train()
         train_loss = 0.0
         for (x,) in loader:
+            x = x.to(DEVICE)  # as pytorch/examples: data.to(device) every step
             optimizer.zero_grad()
             recon_batch, mu, logvar = model(x)
             loss = loss_function(recon_batch, x, mu, logvar)
@@ -375,7 +405,7 @@ def mlp_vaelab(args, data) -> dict:
     cfg = vaelab_config(args, "mlp", [f"train.epochs={args.epochs}"])
     x_test = data.test.to_float(data.test.images)
     clock = Clock()
-    shadow = build_model(cfg.model, data.info.shape)  # scores the weight copies
+    shadow = build_model(cfg.model, data.info.shape).to(DEVICE)  # scores the weight copies
     watch = TargetWatch(
         clock, x_test, args.target, args.check_every, shadow,
         lambda x: _mu_logvar(shadow, x), shadow.decoder,
@@ -415,13 +445,14 @@ def throughput_run(args, data) -> dict:
 
         cfg = vaelab_config(args, args.arch, [])
         torch.manual_seed(args.seed)
-        model = ReferenceOf(build_model(cfg.model, data.info.shape))
+        model = ReferenceOf(build_model(cfg.model, data.info.shape)).to(DEVICE)
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
         train_x = data.train.to_float(data.train.images)
         loader = DataLoader(TensorDataset(train_x), batch_size=args.batch, shuffle=True)
         model.train()
         step = 0
         for (x,) in loader:
+            x = x.to(DEVICE)
             optimizer.zero_grad()
             recon_batch, mu, logvar = model(x)
             loss = loss_function(recon_batch, x, mu, logvar)
@@ -449,7 +480,7 @@ def matmul_cap(arch: str, shape, batch: int, reps: int = 5) -> dict:
     from vaelab.model import build_model
 
     mcfg = ModelConfig(arch=arch, hidden=(400,) if arch == "mlp" else (), latent_dim=20)
-    model = build_model(mcfg, shape)
+    model = build_model(mcfg, shape).to(DEVICE)
     layers: list[tuple[nn.Module, torch.Tensor, torch.Tensor]] = []
 
     def hook(m, inp, out):
@@ -457,7 +488,7 @@ def matmul_cap(arch: str, shape, batch: int, reps: int = 5) -> dict:
 
     kinds = (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)
     handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, kinds)]
-    x = torch.rand(batch, *shape)
+    x = torch.rand(batch, *shape, device=DEVICE)
     q = model.encode(x)
     model.decode(q.mu)
     for h in handles:
@@ -472,7 +503,7 @@ def matmul_cap(arch: str, shape, batch: int, reps: int = 5) -> dict:
             if isinstance(m, nn.Linear):
                 inp2 = inp.reshape(-1, m.in_features)
                 g2 = g.reshape(-1, m.out_features)
-                b = m.bias.detach() if m.bias is not None else torch.zeros(m.out_features)
+                b = m.bias.detach() if m.bias is not None else w.new_zeros(m.out_features)
                 ops.append(lambda b=b, i=inp2, w=w: torch.addmm(b, i, w.t()))
                 ops.append(lambda g=g2, i=inp2: torch.mm(g.t(), i))
                 if need_input:
@@ -507,9 +538,11 @@ def matmul_cap(arch: str, shape, batch: int, reps: int = 5) -> dict:
     def best_time(ops) -> float:
         for f in ops:
             f()
+        sync()
         t = time.perf_counter()
         for f in ops:
             f()
+        sync()
         once = time.perf_counter() - t
         loops = max(3, int(0.1 / max(once, 1e-6)))
         best = float("inf")
@@ -518,6 +551,7 @@ def matmul_cap(arch: str, shape, batch: int, reps: int = 5) -> dict:
             for _ in range(loops):
                 for f in ops:
                     f()
+            sync()
             best = min(best, (time.perf_counter() - t) / loops)
         return best
 
@@ -538,6 +572,7 @@ def spawn(args, contender: str, shape: str, seed: int) -> dict:
         "--epochs", str(args.epochs), "--batch", str(args.batch), "--threads", str(args.threads),
         "--target", str(args.target), "--check-every", str(args.check_every),
         "--steps", str(args.steps), "--warmup", str(args.warmup), "--seed", str(seed),
+        "--device", args.device,
     ]  # fmt: skip
     if args.data_dir:
         cmd += ["--data-dir", args.data_dir]
@@ -569,10 +604,14 @@ def fmt(x, spec: str, none: str = "-") -> str:
 
 
 def main() -> None:
+    global DEVICE
     args = parse_args()
     if args.worker:
         print(json.dumps(run_worker(args)))
         return
+    from vaelab.devices import pick_device
+
+    DEVICE = pick_device(args.device)
     torch.set_num_threads(args.threads)
     shapes = ["mnist"] if args.arch == "mlp" else ["mnist", "3x64x64"]
     contenders = [args.only] if args.only else list(CONTENDERS)
@@ -584,6 +623,8 @@ def main() -> None:
         "torch": torch.__version__,
         "python": platform.python_version(),
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "device": str(DEVICE)
+        + (f" ({torch.cuda.get_device_name(DEVICE)})" if DEVICE.type == "cuda" else ""),
         "command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]),
     }
     what = (
@@ -597,7 +638,7 @@ def main() -> None:
     )
     print(
         f"{header['date']}; {header['cpu']}, {header['cores']} cores ({header['cpu_capability']}); "
-        f"torch {header['torch']}, python {header['python']}"
+        f"torch {header['torch']}, python {header['python']}; device {header['device']}"
     )
     if args.vaelab_set:
         print(f"vaelab overrides: {' '.join(args.vaelab_set)}")
