@@ -386,6 +386,27 @@ def test_compile_failure_falls_back_to_eager_with_a_warning(digits, monkeypatch)
     assert_same_params(params(fell_back.model), params(eager.model), atol=0)
 
 
+def test_compile_mode_reaches_torch_compile(digits, monkeypatch):
+    """train.compile_mode is passed to torch.compile ("reduce-overhead": CUDA graphs on a GPU);
+    an unknown mode is refused before anything trains."""
+    import vaelab.train as train_mod
+
+    seen = []
+
+    def recording_compile(fn, **kw):
+        seen.append(kw)
+        return fn  # eager: the mode is what this test checks
+
+    monkeypatch.setattr(train_mod.torch, "compile", recording_compile)
+    cfg = tiny("train.max_steps=2", "train.compile=true", "train.compile_mode=reduce-overhead")
+    fit(cfg, out_dir=None, data=digits, progress=False)
+    assert seen and seen[0]["mode"] == "reduce-overhead" and seen[0]["dynamic"] is False
+    with pytest.raises(
+        ValueError, match="train.compile_mode must be one of default, reduce-overhead"
+    ):
+        fit(tiny("train.compile_mode=fastest"), out_dir=None, data=digits, progress=False)
+
+
 def test_step_record_across_an_epoch_boundary_means_its_own_steps(digits, tmp_path):
     """The record at step 25 (log_every=5) spans steps 21-22 of epoch 1 (64 and 53 images) and
     23-25 of epoch 2: each of its means is the image-weighted mean of those five steps, as the

@@ -113,6 +113,8 @@ class TrainConfig:
     released model is converted back). ``bf16`` runs the networks under bfloat16 autocast
     with float32 weights, optimizer and likelihood: on CUDA, and on CPUs with native bf16
     arithmetic (AVX512-BF16 or AMX); elsewhere it warns and trains in float32.
+    ``compile_mode`` is torch.compile's mode for ``compile``: ``"reduce-overhead"`` replays the
+    compiled step as CUDA graphs on a GPU (small networks, where launches dominate).
     """
 
     epochs: int = 10
@@ -129,6 +131,7 @@ class TrainConfig:
     bf16: bool = False
     channels_last: bool = True
     compile: bool = False
+    compile_mode: str = "default"
     fused: bool = True
     init_output_bias: bool = True
     log_every: int = 50

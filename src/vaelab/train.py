@@ -64,6 +64,8 @@ from vaelab.objectives import beta_schedule, capacity_schedule, compute_objectiv
 from vaelab.optim import FusedAdam
 
 SCHEDULES = ("none", "cosine", "plateau")
+# torch.compile modes; "reduce-overhead" replays the compiled step as CUDA graphs on a GPU
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 PLATEAU_FACTOR, PLATEAU_PATIENCE = 0.5, 3  # ReduceLROnPlateau on the validation ELBO
 
 
@@ -389,10 +391,10 @@ class _Loop:
         # so state_dict keys stay the same.
         self.compiled = None
         if tc.compile and (dist is not None or tc.bf16):
-            self.model.encoder.compile()
-            self.model.decoder.compile()
+            self.model.encoder.compile(mode=tc.compile_mode)
+            self.model.decoder.compile(mode=tc.compile_mode)
         elif tc.compile and cfg.objective.name in ("elbo", "iwae"):
-            self.compiled = _compile_objective(self.model, cfg.objective)
+            self.compiled = _compile_objective(self.model, cfg.objective, tc.compile_mode)
         # train.fused: MLP VAEs with a Bernoulli ELBO take the hand-written gradient
         # (vaelab.fused_elbo), one autograd node per step; compile and bf16 switch it off.
         self.fused = None
@@ -860,6 +862,10 @@ def fit(
         raise ValueError(
             f"train.schedule must be one of {', '.join(SCHEDULES)}, got {tc.schedule!r}"
         )
+    if tc.compile_mode not in COMPILE_MODES:
+        raise ValueError(
+            f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {tc.compile_mode!r}"
+        )
     if tc.epochs < 1 and tc.max_steps < 1:
         raise ValueError("train.epochs (or train.max_steps) must be >= 1")
     if tc.log_every < 1:
@@ -939,9 +945,10 @@ def _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir, dist) 
 # ------------------------------------------------------------------------------ helpers
 
 
-def _compile_objective(model: VAE, oc) -> Callable:
+def _compile_objective(model: VAE, oc, mode: str = "default") -> Callable:
     """The ELBO or IWAE objective of ``oc`` as one torch.compile graph (fixed shapes), called
-    as ``f(x, eps, beta, capacity)`` with explicit noise and 0-d tensor weights."""
+    as ``f(x, eps, beta, capacity)`` with explicit noise and 0-d tensor weights. ``mode`` is
+    torch.compile's (``"reduce-overhead"``: CUDA graphs on a GPU)."""
     from vaelab.objectives import iwae
 
     def objective(x, eps, beta, capacity):
@@ -958,7 +965,7 @@ def _compile_objective(model: VAE, oc) -> Callable:
             eps=eps,
         )
 
-    return torch.compile(objective, dynamic=False)
+    return torch.compile(objective, dynamic=False, mode=mode)
 
 
 def _record(kind, split, st: TrainState, means, cfg, beta_step, optimizer) -> dict:
