@@ -386,6 +386,25 @@ def _sample_batches(batches: Iterable[torch.Tensor], chosen: torch.Tensor):
         start += b
 
 
+def _log_px_entries(ctx, mean, se, estimator, k, extra, how) -> list:
+    """The ``log_px`` entry (nats/image) and its bits/dim twin, labelled alike."""
+    d, notes = ctx.info.num_pixels, ctx.likelihood_notes()
+    return [
+        ctx.label(
+            "log_px", mean, "nats/image", estimator, k=k, stderr=se, notes=notes, extra=extra
+        ),
+        ctx.label(
+            "log_px.bits_per_dim",
+            bits_per_dim(mean, d),
+            "bits/dim",
+            f"-log p(x) / (D ln 2), D = {d}, {how}",
+            k=k,
+            stderr=None if se is None else se / (d * LN2),
+            notes=notes,
+        ),
+    ]
+
+
 def _loglik_sampled(ctx: EvalContext) -> list:
     """loglik on a random sample of ``ctx.loglik_sample`` images (see difference_estimate)."""
     from vaelab.metrics.base import derive_generator
@@ -410,8 +429,6 @@ def _loglik_sampled(ctx: EvalContext) -> list:
         total=n,
     )
     mean, se = difference_estimate(res.log_px, stats.elbo[chosen], stats.elbo)
-    d = ctx.info.num_pixels
-    notes = ctx.likelihood_notes()
     est = (
         f"importance sampling (Burda et al. 2015, k = {res.k}) on a random sample of {n} of the "
         f"{n_all} images, added to the single-sample ELBO of all {n_all} as a control variate: "
@@ -430,18 +447,7 @@ def _loglik_sampled(ctx: EvalContext) -> list:
         "ess_mean": res.ess.mean().item(),
         "seconds": round(res.seconds, 3),
     }
-    return [
-        ctx.label("log_px", mean, "nats/image", est, k=res.k, stderr=se, notes=notes, extra=extra),
-        ctx.label(
-            "log_px.bits_per_dim",
-            bits_per_dim(mean, d),
-            "bits/dim",
-            f"-log p(x) / (D ln 2), D = {d}, log p(x) as above",
-            k=res.k,
-            stderr=se / (d * LN2),
-            notes=notes,
-        ),
-    ]
+    return _log_px_entries(ctx, mean, se, est, res.k, extra, "log p(x) as above")
 
 
 @METRICS.register("loglik")
@@ -464,8 +470,6 @@ def loglik_metric(ctx: EvalContext) -> list:
     # several processes: every image's estimates, gathered in split order
     log_px, mean_log_w, ess = ctx.gather(res.index, res.log_px, res.mean_log_w, res.ess)
     res = ISResult(log_px, mean_log_w, ess, res.k, res.seconds)
-    d = ctx.info.num_pixels
-    notes = ctx.likelihood_notes()
     mean, se = res.mean, res.stderr
     est = (
         f"importance sampling, log (1/k) sum_i p(x, z_i) / q(z_i|x), z_i ~ q(z|x), k = {res.k} "
@@ -477,15 +481,4 @@ def loglik_metric(ctx: EvalContext) -> list:
         "ess_min": res.ess.min().item(),
         "seconds": round(res.seconds, 3),
     }
-    return [
-        ctx.label("log_px", mean, "nats/image", est, k=res.k, stderr=se, notes=notes, extra=extra),
-        ctx.label(
-            "log_px.bits_per_dim",
-            bits_per_dim(mean, d),
-            "bits/dim",
-            f"-log p(x) / (D ln 2), D = {d}, log p(x) by importance sampling",
-            k=res.k,
-            stderr=None if se is None else se / (d * LN2),
-            notes=notes,
-        ),
-    ]
+    return _log_px_entries(ctx, mean, se, est, res.k, extra, "log p(x) by importance sampling")
