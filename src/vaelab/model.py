@@ -99,6 +99,11 @@ class VAE(nn.Module):
         return self.decode(self.encode(x).mu).mean
 
 
+def has_convolutions(model: nn.Module) -> bool:
+    """Whether ``model`` has 2-D convolutions (which run faster in the channels-last layout)."""
+    return any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules())
+
+
 def build_model(cfg: ModelConfig | Config, shape: tuple[int, int, int]) -> VAE:
     """Build the VAE that ``cfg`` describes for images of ``shape`` (C, H, W).
 

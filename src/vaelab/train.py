@@ -59,7 +59,14 @@ from vaelab import runs
 from vaelab.config import Config, to_dict
 from vaelab.cpu import denormals_flushed
 from vaelab.devices import cpu_model, describe_hardware, native_bf16, pick_device
-from vaelab.model import VAE, build_model, count_parameters, init_output_bias, save_model
+from vaelab.model import (
+    VAE,
+    build_model,
+    count_parameters,
+    has_convolutions,
+    init_output_bias,
+    save_model,
+)
 from vaelab.objectives import beta_schedule, capacity_schedule, compute_objective, elbo
 from vaelab.optim import FusedAdam
 
@@ -178,11 +185,6 @@ def make_optimizer(model: torch.nn.Module, cfg: Config, device: torch.device):
         except (RuntimeError, ValueError):  # fused not built for this device/dtype
             pass
     return torch.optim.Adam(params, foreach=True, **kwargs)
-
-
-def _has_convolutions(model: torch.nn.Module) -> bool:
-    kinds = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
-    return any(isinstance(m, kinds) for m in model.modules())
 
 
 def _match_state_layout(optimizer: torch.optim.Optimizer) -> None:
@@ -362,7 +364,7 @@ class _Loop:
         if tc.init_output_bias:
             self.output_bias = init_output_bias(self.model, mean_image(data.train).to(device))
         # train.channels_last: convolutional networks train in NHWC (faster in oneDNN/cuDNN)
-        self.channels_last = tc.channels_last and _has_convolutions(self.model)
+        self.channels_last = tc.channels_last and has_convolutions(self.model)
         if self.channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.optimizer = make_optimizer(self.model, cfg, device)
