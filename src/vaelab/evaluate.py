@@ -50,7 +50,7 @@ import torch
 
 from vaelab.metrics import DEFAULT_METRICS, METRICS, Entry, EvalContext
 from vaelab.metrics.base import MetricUnavailable
-from vaelab.model import has_convolutions
+from vaelab.model import has_convolutions, is_channels_last
 
 EVAL_FILE = "eval.json"
 EVAL_FORMAT = "vaelab-eval-1"
@@ -207,7 +207,7 @@ def evaluate(
     device = model.device if device is None else torch.device(device)
     # under torchrun: join the group (nothing is joined in one process, or with distributed=False)
     dist, device = Distributed.setup(device) if distributed else (None, device)
-    relayout = channels_last and has_convolutions(model) and not _is_channels_last(model)
+    relayout = channels_last and has_convolutions(model) and not is_channels_last(model)
     try:
         if relayout:
             model.to(memory_format=torch.channels_last)
@@ -235,15 +235,6 @@ def evaluate(
             model.to(memory_format=torch.contiguous_format)
         if dist is not None:
             dist.close()
-
-
-def _is_channels_last(model) -> bool:
-    """Whether the model's convolution weights are all in the channels-last layout already."""
-    kinds = (torch.nn.Conv2d, torch.nn.ConvTranspose2d)
-    weights = [m.weight for m in model.modules() if isinstance(m, kinds)]
-    return bool(weights) and all(
-        w.is_contiguous(memory_format=torch.channels_last) for w in weights
-    )
 
 
 def _evaluate(ctx: EvalContext, names: list[str], explicit: bool) -> EvalReport:

@@ -99,9 +99,20 @@ class VAE(nn.Module):
         return self.decode(self.encode(x).mu).mean
 
 
+_CONVS = (nn.Conv2d, nn.ConvTranspose2d)
+
+
 def has_convolutions(model: nn.Module) -> bool:
     """Whether ``model`` has 2-D convolutions (which run faster in the channels-last layout)."""
-    return any(isinstance(m, (nn.Conv2d, nn.ConvTranspose2d)) for m in model.modules())
+    return any(isinstance(m, _CONVS) for m in model.modules())
+
+
+def is_channels_last(model: nn.Module) -> bool:
+    """Whether ``model`` has convolutions and all their weights are channels-last already."""
+    weights = [m.weight for m in model.modules() if isinstance(m, _CONVS)]
+    return bool(weights) and all(
+        w.is_contiguous(memory_format=torch.channels_last) for w in weights
+    )
 
 
 def build_model(cfg: ModelConfig | Config, shape: tuple[int, int, int]) -> VAE:
