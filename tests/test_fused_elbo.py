@@ -155,3 +155,68 @@ def test_fit_takes_the_fused_path_and_matches_autograd(tmp_path, monkeypatch):
         assert torch.allclose(a[name], b[name], rtol=1e-4, atol=1e-5), name
     valid = {f: [h["elbo"] for h in r.history if h["split"] == "valid"] for f, r in results.items()}
     assert valid["true"] == pytest.approx(valid["false"], abs=1e-3)
+
+
+# ------------------------------------------------------------------ bfloat16 products
+
+
+def _bf16_setup(seed=0):
+    model = _model((32, 16), "relu", z=4, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    x = torch.bernoulli(torch.full((24, 1, 6, 5), 0.4), generator=g)
+    eps = torch.randn(2, 24, 4, generator=g)
+    return model, x, eps, ObjectiveConfig(n_samples=2)
+
+
+def test_bf16_products_give_float32_gradients_close_to_float32():
+    model, x, eps, obj = _bf16_setup()
+    exact = fused_elbo_for(model, obj)(x, eps, 0.5)
+    want = _grads(model, exact.loss)
+    low = fused_elbo_for(model, obj, torch.bfloat16)
+    assert low is not None and low.lowp
+    out = low(x, eps, 0.5)
+    got = _grads(model, out.loss)
+    for name in ("loss", "elbo", "log_px_z", "kl"):  # float32 sums of bf16-rounded networks
+        a, b = getattr(out, name).detach(), getattr(exact, name).detach()
+        assert a.dtype == torch.float32
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=0.05, msg=name)
+    for (name, p), w, gr in zip(model.named_parameters(), want, got):
+        assert gr.dtype == torch.float32 and gr.shape == p.shape
+        assert float((gr - w).norm() / w.norm()) < 0.05, name  # bf16 rounding, not a bug
+    assert any(not torch.equal(a, b) for a, b in zip(want, got))  # bf16 really ran
+
+
+def test_bf16_captured_gradients_are_the_returned_ones_unwidened():
+    model, x, eps, obj = _bf16_setup(seed=3)
+    low = fused_elbo_for(model, obj, torch.bfloat16)
+    widened = _grads(model, low(x, eps).loss)
+    low.capture_grads = True
+    out = low(x, eps)
+    for p in model.parameters():
+        p.grad = None
+    out.loss.backward()
+    assert all(p.grad is None for p in model.parameters())  # nothing to the weights
+    assert [g.dtype for g in low.grads] == [torch.bfloat16] * len(widened)
+    for g, w in zip(low.grads, widened):
+        assert torch.equal(g.float(), w)
+
+
+def test_bf16_copies_follow_changes_to_the_weights():
+    model, x, eps, obj = _bf16_setup(seed=5)
+    low = fused_elbo_for(model, obj, torch.bfloat16)
+    before = low(x, eps).loss.detach()
+    with torch.no_grad():  # e.g. a checkpoint loaded into the model
+        for p in model.parameters():
+            p.mul_(0.5)
+    after = low(x, eps).loss.detach()
+    fresh = fused_elbo_for(model, obj, torch.bfloat16)(x, eps).loss.detach()
+    assert torch.equal(after, fresh) and not torch.equal(after, before)
+    assert all(
+        torch.equal(c, p.detach().to(torch.bfloat16)) for c, p in zip(low.copies, low.params)
+    )
+
+
+def test_compute_dtype_is_checked():
+    model, _, _, obj = _bf16_setup()
+    with pytest.raises(ValueError, match="compute_dtype"):
+        fused_elbo_for(model, obj, torch.float16)

@@ -147,3 +147,79 @@ def test_bf16_without_native_support_warns_and_trains_in_float32(digits, monkeyp
                 progress=False)  # fmt: skip
     assert r.summary["precision"] == "float32"
     assert next(r.model.parameters()).dtype == torch.float32
+
+
+# ------------------------------------------------ bf16 on the fused MLP path (any CPU: the
+# arithmetic is the same where bf16 is emulated, only slower, so native support is faked)
+
+
+def mlp_cfg(*overrides: str):
+    """The quickstart MLP with ReLU (the fused gradient's kind): 12 steps."""
+    base = [
+        "model.activation=relu",
+        "model.hidden=32,16",
+        "train.max_steps=12",
+        "train.log_every=4",
+        "train.figures=false",
+        "train.report=false",
+    ]
+    return override(load_preset("quickstart"), base + list(overrides))
+
+
+@pytest.fixture
+def fake_native_bf16(monkeypatch):
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: True)
+    calls = []
+    real = FusedAdam.step_bf16
+
+    def counting(self, *a, **k):
+        done = real(self, *a, **k)
+        calls.append(done)
+        return done
+
+    monkeypatch.setattr(FusedAdam, "step_bf16", counting)
+    return calls
+
+
+def test_bf16_mlp_takes_the_fused_path_with_bf16_adam(digits, fake_native_bf16):
+    a = fit(mlp_cfg("train.bf16=true"), out_dir=None, data=digits, progress=False)
+    b = fit(mlp_cfg(), out_dir=None, data=digits, progress=False)
+    assert a.summary["precision"] == "bf16 products (fused MLP gradient)"
+    assert b.summary["precision"] == "float32"
+    from vaelab import native
+
+    if native.adam_bf16_many() is not None:
+        assert fake_native_bf16 == [True] * 12  # every step through the C kernel
+    assert all(p.dtype == torch.float32 for p in a.model.parameters())
+    va, vb = a.history[-1]["elbo"], b.history[-1]["elbo"]
+    assert abs(va - vb) < 0.02 * abs(vb)
+    sa, sb = state(a.model), state(b.model)
+    assert any(not torch.equal(sa[k], sb[k]) for k in sa)  # bf16 really ran
+    for k in sa:  # 12 Adam steps of lr 2e-3 from the same start: close
+        torch.testing.assert_close(sa[k], sb[k], rtol=0, atol=0.05, msg=k)
+
+
+def test_bf16_mlp_with_gradient_clipping_widens_gradients(digits, fake_native_bf16):
+    r = fit(mlp_cfg("train.bf16=true", "train.grad_clip=1.0"), out_dir=None, data=digits,
+            progress=False)  # fmt: skip
+    assert r.summary["precision"] == "bf16 products (fused MLP gradient)"
+    assert fake_native_bf16 == []  # clipping needs float32 .grad: torch's Adam stepped
+    assert all(torch.isfinite(p).all() for p in r.model.parameters())
+
+
+def test_bf16_mlp_resumes_exactly(digits, tmp_path, fake_native_bf16):
+    """A killed bf16 run resumes to the straight run's weights: the bf16 copies of the
+    weights are re-rounded from the loaded checkpoint, the Adam state is torch's."""
+    straight = fit(mlp_cfg("train.bf16=true"), out_dir=None, data=digits, progress=False)
+
+    class StopAt:
+        def on_step_end(self, st):
+            if st.step == 5:
+                st.request_stop("test")
+
+    cfg = mlp_cfg("train.bf16=true")
+    with pytest.raises(TrainingInterrupted):
+        fit(cfg, out_dir=tmp_path, data=digits, progress=False, callbacks=[StopAt()])
+    resumed = fit(cfg, resume=tmp_path / cfg.name, data=digits, progress=False)
+    for k, v in state(straight.model).items():
+        torch.testing.assert_close(state(resumed.model)[k], v, rtol=1e-6, atol=1e-7, msg=k)

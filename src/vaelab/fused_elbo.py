@@ -57,8 +57,13 @@ def _linear_plan(layers: list[nn.Module]) -> list[tuple[nn.Linear, type | None]]
     return plan or None
 
 
-def fused_elbo_for(model: nn.Module, objective) -> FusedElbo | None:
+def fused_elbo_for(
+    model: nn.Module, objective, compute_dtype: torch.dtype = torch.float32
+) -> FusedElbo | None:
     """A :class:`FusedElbo` for ``model`` under ``objective`` (an ObjectiveConfig), or None.
+
+    ``compute_dtype=torch.bfloat16`` runs the matrix products in bfloat16 (see
+    :class:`FusedElbo`).
 
     Qualifies: a :class:`~vaelab.model.VAE` with vaelab's MLP encoder (Flatten, then Linear +
     ReLU/tanh layers, no dropout, one linear Gaussian head) and an MLP decoder (Linear
@@ -95,14 +100,33 @@ def fused_elbo_for(model: nn.Module, objective) -> FusedElbo | None:
         return None
     if decoder[-1][1] is not None:
         return None
-    return FusedElbo(model, encoder, decoder)
+    return FusedElbo(model, encoder, decoder, compute_dtype)
 
 
 class FusedElbo:
-    """Calls :class:`_FusedElboFunction` with a model's weights; see the module docstring."""
+    """Calls :class:`_FusedElboFunction` with a model's weights; see the module docstring.
 
-    def __init__(self, model: nn.Module, encoder: list, decoder: list) -> None:
+    ``compute_dtype`` is the dtype of the matrix products and the activations between them:
+    float32 (the default), or bfloat16 for mixed precision -- each step rounds a copy of the
+    float32 weights to bfloat16, runs every product in bfloat16 (float32 accumulation inside
+    oneDNN/cuBLAS), and hands back float32 gradients; the latent variables, the KL, the
+    Bernoulli term and its gradient stay float32. Only where bf16 arithmetic is native (see
+    :func:`vaelab.devices.native_bf16`) is this faster.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        encoder: list,
+        decoder: list,
+        compute_dtype: torch.dtype = torch.float32,
+    ) -> None:
+        if compute_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(
+                f"FusedElbo: compute_dtype must be float32 or bfloat16, not {compute_dtype}"
+            )
         self.model = model
+        self.compute_dtype = compute_dtype
         self.acts = tuple(a for _, a in encoder) + tuple(a for _, a in decoder)
         self.n_enc = len(encoder)
         self.params: list[torch.Tensor] = []
@@ -110,6 +134,31 @@ class FusedElbo:
             if lin.bias is None:
                 raise ValueError("FusedElbo needs Linear layers with biases")
             self.params += [lin.weight, lin.bias]
+        # bf16: the weights' rounded copies, refreshed when a weight changed (its version
+        # counter moved) unless FusedAdam.step_bf16 wrote them together with the weights.
+        self.lowp = compute_dtype != torch.float32
+        self.copies: list[torch.Tensor] = []
+        self._versions: list[int] = []
+        # capture_grads: the backward keeps the bfloat16 gradients in ``grads`` for
+        # FusedAdam.step_bf16 and gives the weights none (their .grad stays None).
+        self.capture_grads = False
+        self.grads: list[torch.Tensor] | None = None
+
+    def refresh_copies(self) -> list[torch.Tensor]:
+        """The bfloat16 copies of the weights, re-rounded where a weight changed."""
+        if not self.copies:
+            self.copies = [p.detach().to(self.compute_dtype) for p in self.params]
+            self._versions = [p._version for p in self.params]
+            return self.copies
+        for i, p in enumerate(self.params):
+            if p._version != self._versions[i]:
+                self.copies[i].copy_(p.detach())
+                self._versions[i] = p._version
+        return self.copies
+
+    def mark_copies_fresh(self) -> None:
+        """Say that ``copies`` hold the current weights rounded (after FusedAdam.step_bf16)."""
+        self._versions = [p._version for p in self.params]
 
     def __call__(
         self, x: torch.Tensor, eps: torch.Tensor, beta: float | torch.Tensor = 1.0
@@ -117,36 +166,46 @@ class FusedElbo:
         """The ELBO objective for images x (B, C, H, W) and noise eps (L, B, Z), as
         :func:`vaelab.objectives.elbo` with the same arguments computes it."""
         beta_t = torch.as_tensor(beta, dtype=x.dtype, device=x.device)
+        if self.lowp:
+            self.refresh_copies()
+            self.grads = None
         loss, elbo, log_px_z, kl, kl_per_dim = _FusedElboFunction.apply(
-            x, eps, beta_t, self.acts, self.n_enc, *self.params
+            x, eps, beta_t, self.acts, self.n_enc, self, *self.params
         )
         return ObjectiveOutput(loss, elbo, log_px_z, kl, kl_per_dim, elbo, beta)
 
 
 class _FusedElboFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, eps, beta, acts, n_enc, *params):
+    def forward(ctx, x, eps, beta, acts, n_enc, owner, *params):
         b = x.shape[0]
         n_samples, _, zdim = eps.shape
         xf = x.reshape(b, -1)
+        lowp, cdtype = owner.lowp, owner.compute_dtype
+        if lowp:  # bf16 products on the weights' rounded copies
+            params = tuple(owner.copies)
         weights, biases = params[0::2], params[1::2]
         # encoder: activations kept for the backward pass
-        h, enc_in = xf, []
+        h, enc_in = (xf.to(cdtype) if lowp else xf), []
         for i in range(n_enc):
             enc_in.append(h)
             h = torch.addmm(biases[i], h, weights[i].t())
             if acts[i] is not None:
                 h = _act_forward(acts[i], h)
         mu, logvar = h[:, :zdim], h[:, zdim:]
+        if lowp:
+            mu, logvar = mu.float(), logvar.float()
         std = torch.exp(0.5 * logvar)
         z = torch.addcmul(mu, std, eps).view(n_samples * b, zdim)  # (L*B, Z), sample-major
-        g, dec_in = z, []
+        g, dec_in = (z.to(cdtype) if lowp else z), []
         for i in range(n_enc, len(weights)):
             dec_in.append(g)
             g = torch.addmm(biases[i], g, weights[i].t())
             if acts[i] is not None:
                 g = _act_forward(acts[i], g)
         logits = g.view(n_samples, b, -1)
+        if lowp:
+            logits = logits.float()
         kernel = native.bernoulli_rows_grad(logits, xf)
         if kernel is not None:  # log p(x|z) and d(-log p)/dl = sigmoid(l) - x in one pass
             dlogits = torch.empty_like(logits)
@@ -171,7 +230,7 @@ class _FusedElboFunction(torch.autograd.Function):
         kl = kl_per_dim.sum(-1)
         elbo = log_px_z - kl
         loss = (beta * kl - log_px_z).mean()
-        ctx.acts, ctx.n_enc = acts, n_enc
+        ctx.acts, ctx.n_enc, ctx.lowp, ctx.owner = acts, n_enc, lowp, owner
         ctx.kernel_grad = dlogits is not None
         saved_l = dlogits if dlogits is not None else logits
         ctx.save_for_backward(xf, eps, beta, mu, std, var, saved_l, *enc_in, h, *dec_in, *params)
@@ -189,7 +248,8 @@ class _FusedElboFunction(torch.autograd.Function):
         dec_in = saved[8 + n_e : 8 + n_e + n_d]
         params = saved[8 + n_e + n_d :]
         weights = params[0::2]
-        acts, n_enc = ctx.acts, ctx.n_enc
+        acts, n_enc, lowp = ctx.acts, ctx.n_enc, ctx.lowp
+        cdtype = weights[0].dtype
         n_samples, b, zdim = eps.shape
         scale = grad_loss / b  # d loss / d (per-image term)
         grads: list[torch.Tensor | None] = [None] * len(params)
@@ -199,6 +259,8 @@ class _FusedElboFunction(torch.autograd.Function):
         else:
             dy = torch.sigmoid(saved_l).sub_(xf).mul_(scale / n_samples)
         dy = dy.view(n_samples * b, -1)
+        if lowp:
+            dy = dy.to(cdtype)
         outputs = list(dec_in[1:]) + [None]  # output of decoder layer i (its activation's y)
         for j in reversed(range(len(dec_in))):
             i = n_enc + j
@@ -208,11 +270,15 @@ class _FusedElboFunction(torch.autograd.Function):
             grads[2 * i + 1] = dy.sum(0)
             dy = dy @ weights[i]
         dz = dy.view(n_samples, b, zdim)
+        if lowp:
+            dz = dz.float()
         sb = scale * beta
         dmu = (dz.sum(0) if n_samples > 1 else dz[0]) + sb * mu
         dz_eps = (dz * eps).sum(0) if n_samples > 1 else dz[0] * eps[0]
         dlogvar = dz_eps.mul_(std).mul_(0.5).add_((0.5 * sb) * (var - 1.0))
         dy = torch.cat([dmu, dlogvar], 1)
+        if lowp:
+            dy = dy.to(cdtype)
         enc_out = list(enc_in[1:]) + [head]
         for i in reversed(range(n_enc)):
             if acts[i] is not None:
@@ -221,4 +287,9 @@ class _FusedElboFunction(torch.autograd.Function):
             grads[2 * i + 1] = dy.sum(0)
             if i > 0:
                 dy = dy @ weights[i]
-        return (None, None, None, None, None, *grads)
+        if lowp and ctx.owner.capture_grads:  # for FusedAdam.step_bf16, as they are
+            ctx.owner.grads = [g if g.dtype == cdtype else g.to(cdtype) for g in grads]
+            return (None,) * (6 + len(grads))
+        if lowp:  # float32 gradients for the float32 weights
+            grads = [g.float() for g in grads]
+        return (None, None, None, None, None, None, *grads)

@@ -178,6 +178,21 @@ def linear_relu(*tensors):
     )
 
 
+def adam_bf16_many():
+    """``vaelab_adam_bf16_many(count, p, grad, m, v, copy, n, step_size, beta1, beta2, eps,
+    weight_decay, bias2_sqrt, threads)`` of ``csrc/adam.c`` -- Adam steps of float32
+    parameters from bfloat16 gradients that also write each parameter's bfloat16 copy, over
+    ``count`` tensors given as pointer arrays -- or None when unavailable. The caller checks
+    the tensors (contiguous, on the CPU, float32 and bfloat16 as named)."""
+    f, pp = ctypes.c_float, ctypes.POINTER(ctypes.c_void_p)
+    return function(
+        "adam",
+        "vaelab_adam_bf16_many",
+        [_I64, pp, pp, pp, pp, pp, ctypes.POINTER(_I64), f, f, f, f, f, f, _I64],
+        ctypes.c_int,
+    )
+
+
 def why_not(name: str) -> str | None:
     """Why :func:`load` returned ``None`` for ``name`` (``None`` if it loaded or was not tried)."""
     return _why_not.get(name)

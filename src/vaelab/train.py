@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 import vaelab
-from vaelab import runs
+from vaelab import native, runs
 from vaelab.config import Config, to_dict
 from vaelab.cpu import denormals_flushed
 from vaelab.devices import cpu_model, describe_hardware, native_bf16, pick_device
@@ -388,6 +388,7 @@ class _Loop:
                 "has none, so this run trains in float32",
                 stacklevel=3,
             )
+        self.precision = "float32" if isinstance(self.autocast, nullcontext) else "bf16 autocast"
         # train.compile: the whole objective (networks, likelihood, KL, loss) as one graph for
         # full batches, or (data-parallel, bf16) the encoder and decoder; in place either way,
         # so state_dict keys stay the same.
@@ -398,12 +399,30 @@ class _Loop:
         elif tc.compile and cfg.objective.name in ("elbo", "iwae"):
             self.compiled = _compile_objective(self.model, cfg.objective, tc.compile_mode)
         # train.fused: MLP VAEs with a Bernoulli ELBO take the hand-written gradient
-        # (vaelab.fused_elbo), one autograd node per step; compile and bf16 switch it off.
+        # (vaelab.fused_elbo), one autograd node per step; compile switches it off.
+        # With bf16 the fused path runs its products in bfloat16 itself (no autocast needed).
         self.fused = None
-        if tc.fused and not tc.compile and dist is None and isinstance(self.autocast, nullcontext):
+        if tc.fused and not tc.compile and dist is None:
             from vaelab.fused_elbo import fused_elbo_for
 
-            self.fused = fused_elbo_for(self.model, cfg.objective)
+            lowp = not isinstance(self.autocast, nullcontext)
+            cdtype = torch.bfloat16 if lowp else torch.float32
+            self.fused = fused_elbo_for(self.model, cfg.objective, cdtype)
+            if self.fused is not None and lowp:
+                self.autocast = nullcontext()
+                self.precision = "bf16 products (fused MLP gradient)"
+        # bf16 + fused on the CPU: the gradients stay bfloat16 and one C kernel takes the Adam
+        # step and writes the weights' bf16 copies (FusedAdam.step_bf16); not with clipping or
+        # bad-step skipping, which want float32 .grad tensors.
+        self.lowp_adam = (
+            self.fused is not None
+            and self.fused.lowp
+            and device.type == "cpu"
+            and tc.grad_clip <= 0
+            and tc.max_bad_steps <= 0
+            and isinstance(self.optimizer, FusedAdam)
+            and native.adam_bf16_many() is not None
+        )
         info = data.info
         proper = self.model.likelihood.is_proper(info.value_kind)
         discrete = proper and info.value_kind in ("binary", "8bit")
@@ -554,6 +573,7 @@ class _Loop:
         with self.autocast:
             if self.fused is not None:
                 beta = beta_schedule(step, self.cfg.objective, st.total_steps)
+                self.fused.capture_grads = self.lowp_adam
                 out = self.fused(x, self._noise(x), beta)
             elif self.dist is None and self.compiled is not None and x.shape[0] == tc.batch_size:
                 out = self._compiled_objective(x, step)  # the last, smaller batch runs eagerly
@@ -567,8 +587,12 @@ class _Loop:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = None
+        lowp_grads = self.fused.grads if self.lowp_adam else None
         if tc.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip, foreach=True)
+        elif lowp_grads is not None and log_now:
+            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in lowp_grads]
+            gnorm = torch.linalg.vector_norm(torch.stack(norms))
         elif log_now or tc.max_bad_steps > 0:
             gnorm = grad_norm(self.params)
         bad = ~torch.isfinite(loss.detach())
@@ -584,7 +608,14 @@ class _Loop:
             self.grad_was_bad.zero_()
         else:
             self.first_bad.masked_fill_(bad & (self.first_bad < 0), step + 1)  # no sync
-            opt.step()
+            if lowp_grads is None:
+                opt.step()
+            elif opt.step_bf16(lowp_grads, self.fused.copies):
+                self.fused.mark_copies_fresh()
+            else:  # the kernel does not apply to these tensors: widen and step as usual
+                for p, g in zip(self.fused.params, lowp_grads):
+                    p.grad = g.float()
+                opt.step()
             if tc.schedule == "cosine":
                 self.scheduler.step()
             b = x.shape[0]
@@ -1068,7 +1099,7 @@ def _summary(loop: _Loop) -> dict:
             "test": len(data.test),
         },
         "hardware": describe_hardware(loop.device),
-        "precision": "bf16 autocast" if not isinstance(loop.autocast, nullcontext) else "float32",
+        "precision": loop.precision,
         "channels_last": loop.channels_last,
         "distributed": None if loop.dist is None else loop.dist.describe(),
         "versions": {
