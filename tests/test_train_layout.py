@@ -183,7 +183,7 @@ def fake_native_bf16(monkeypatch):
 
 def test_bf16_mlp_takes_the_fused_path_with_bf16_adam(digits, fake_native_bf16):
     a = fit(mlp_cfg("train.bf16=true"), out_dir=None, data=digits, progress=False)
-    b = fit(mlp_cfg(), out_dir=None, data=digits, progress=False)
+    b = fit(mlp_cfg("train.bf16=false"), out_dir=None, data=digits, progress=False)
     assert a.summary["precision"] == "bf16 products (fused MLP gradient)"
     assert b.summary["precision"] == "float32"
     from vaelab import native
@@ -223,3 +223,37 @@ def test_bf16_mlp_resumes_exactly(digits, tmp_path, fake_native_bf16):
     resumed = fit(cfg, resume=tmp_path / cfg.name, data=digits, progress=False)
     for k, v in state(straight.model).items():
         torch.testing.assert_close(state(resumed.model)[k], v, rtol=1e-6, atol=1e-7, msg=k)
+
+
+@pytest.mark.parametrize(
+    "native, cfg_args, want",
+    [
+        (True, ("mlp",), "bf16 products (fused MLP gradient)"),
+        (True, ("mlp", "train.fused=false"), "float32"),  # only the fused path
+        (True, ("conv",), "float32"),  # autocast for convolutions stays opt-in
+        (False, ("mlp",), "float32"),  # no native bf16: float32, no warning
+    ],
+)
+def test_bf16_auto_is_the_fused_mlp_path_on_native_cpus(
+    digits, monkeypatch, native, cfg_args, want
+):
+    import warnings
+
+    monkeypatch.setattr(train_mod, "native_bf16", lambda device: native)
+    kind, *extra = cfg_args
+    make = mlp_cfg if kind == "mlp" else conv_cfg
+    cfg = make("train.max_steps=2", *extra)
+    assert cfg.train.bf16 == "auto"  # the default
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        r = fit(cfg, out_dir=None, data=digits, progress=False)
+    assert r.summary["precision"] == want
+
+
+def test_bf16_setting_is_checked(digits):
+    from dataclasses import replace
+
+    cfg = mlp_cfg()
+    bad = replace(cfg, train=replace(cfg.train, bf16="sometimes"))
+    with pytest.raises(ValueError, match="train.bf16 must be"):
+        fit(bad, out_dir=None, data=digits, progress=False)

@@ -21,7 +21,7 @@ import typing
 from dataclasses import dataclass, field, fields, replace
 from importlib import resources
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -104,15 +104,18 @@ class TrainConfig:
     ``threads`` > 0 sets torch's intra-op threads during the run (0 keeps torch's default);
     ``tensorboard`` also logs to ``RUN/tensorboard`` when the package is installed.
     ``fused`` lets MLP VAEs with a Bernoulli ELBO use the hand-written gradient of
-    :mod:`vaelab.fused_elbo` (same numbers, fewer operations); ``compile`` and ``bf16`` turn it
-    off. ``init_output_bias`` starts a new run with the decoder's output bias set so that
+    :mod:`vaelab.fused_elbo` (same numbers, fewer operations); ``compile`` turns it off. ``init_output_bias`` starts a new run with the decoder's output bias set so that
     p(x|z) has the training images' mean (:func:`vaelab.model.init_output_bias`; Bernoulli
     and Gaussian likelihoods with fixed or per-channel sigma). ``channels_last`` trains
     convolutional networks with their weights and images in the channels-last memory layout
     (NHWC), which oneDNN on CPUs and cuDNN on GPUs run faster (no effect on MLPs; the
-    released model is converted back). ``bf16`` runs the networks under bfloat16 autocast
-    with float32 weights, optimizer and likelihood: on CUDA, and on CPUs with native bf16
-    arithmetic (AVX512-BF16 or AMX); elsewhere it warns and trains in float32.
+    released model is converted back). ``bf16 = true`` runs the networks' products in
+    bfloat16 with float32 weights, optimizer, latents and likelihood (autocast; on the fused
+    MLP path, bf16 products and a bf16-gradient Adam kernel): on CUDA, and on CPUs with native
+    bf16 arithmetic (AVX512-BF16 or AMX); elsewhere it warns and trains in float32.
+    ``"auto"`` (the default) takes bf16 only where it was measured to pay without changing the
+    result -- the fused MLP path on a CPU with native bf16 (2x the products' speed, the same
+    test ELBO; docs/benchmarks.md) -- and float32 everywhere else; ``false`` is float32.
     ``compile_mode`` is torch.compile's mode for ``compile``: ``"reduce-overhead"`` replays the
     compiled step as CUDA graphs on a GPU (small networks, where launches dominate).
     """
@@ -128,7 +131,7 @@ class TrainConfig:
     grad_clip: float = 0.0
     early_stopping: int = 0
     device: str = "auto"
-    bf16: bool = False
+    bf16: bool | Literal["auto"] = "auto"
     channels_last: bool = True
     compile: bool = False
     compile_mode: str = "default"
@@ -212,6 +215,10 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
         if isinstance(value, str):
             return value
         raise TypeError(f"{where}: expected a string, got {value!r}")
+    if origin is Literal:
+        if value in typing.get_args(tp) and isinstance(value, str):
+            return value
+        raise TypeError(f"{where}: expected {_type_name(tp)}, got {value!r}")
     return value
 
 
@@ -223,6 +230,10 @@ def _type_name(tp: Any) -> str:
         return f"list of {_type_name(typing.get_args(tp)[0])}"
     if tp is type(None):
         return "none"
+    if origin is Literal:
+        return " or ".join(f'"{a}"' for a in typing.get_args(tp))
+    if tp is bool:
+        return "true/false"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -310,6 +321,17 @@ def _parse_value(text: str, tp: Any) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _parse_value(text, inner)
+    if origin in (Union, types.UnionType):  # e.g. bool | Literal["auto"]: the first that parses
+        for arg in args:
+            try:
+                return _parse_value(text, arg)
+            except TypeError:
+                continue
+        raise TypeError(f"expected {_type_name(tp)}, got {text!r}")
+    if origin is Literal:
+        if text in args:
+            return text
+        raise TypeError(f"expected {_type_name(tp)}, got {text!r}")
     if origin is tuple:
         parts = [p for p in text.strip("()[]").split(",") if p.strip()]
         return [_parse_value(p.strip(), args[0]) for p in parts]

@@ -231,6 +231,34 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
+def _fused_qualifies(model: torch.nn.Module, cfg: Config) -> bool:
+    from vaelab.fused_elbo import fused_elbo_for
+
+    return fused_elbo_for(model, cfg.objective) is not None
+
+
+def resolve_bf16(setting: bool | str, device: torch.device, fused_mlp: bool) -> bool:
+    """Whether a run trains with bfloat16 products, from ``train.bf16``.
+
+    ``true``: where bf16 is native (CUDA, or a CPU with AVX512-BF16/AMX), else a warning and
+    float32. ``"auto"``: only for the fused MLP path (``fused_mlp``) on a CPU with native bf16,
+    where it was measured to double the products' speed and keep the test ELBO; float32
+    elsewhere, silently. ``false``: float32.
+    """
+    if setting == "auto":
+        return fused_mlp and device.type == "cpu" and native_bf16(device)
+    if setting is True and native_bf16(device):
+        return True
+    if setting is True:
+        warnings.warn(
+            f"train.bf16 needs CUDA or a CPU with native bfloat16 arithmetic (AVX512-BF16 "
+            f"or AMX); {device} ({cpu_model() if device.type == 'cpu' else device.type}) "
+            "has none, so this run trains in float32",
+            stacklevel=4,
+        )
+    return False
+
+
 SSIM_IMAGES = 256  # validate() scores the reconstructions of this many validation images
 
 
@@ -378,39 +406,32 @@ class _Loop:
         self.scheduler = make_scheduler(self.optimizer, cfg, total)
         self.noise = torch.Generator(device=device).manual_seed(cfg.seed + 1)
         self.st = TrainState(cfg, self.model, self.optimizer, run_dir, total, steps_per_epoch)
+        # train.fused: MLP VAEs with a Bernoulli ELBO take the hand-written gradient
+        # (vaelab.fused_elbo), one autograd node per step; compile switches it off.
+        fusable = tc.fused and not tc.compile and dist is None
+        bf16 = resolve_bf16(tc.bf16, device, fusable and _fused_qualifies(self.model, cfg))
         self.autocast = nullcontext()
-        if tc.bf16 and native_bf16(device):  # float32 weights, bf16 products
+        self.precision = "float32"
+        self.fused = None
+        if fusable:  # with bf16, its products run in bfloat16 (no autocast)
+            from vaelab.fused_elbo import fused_elbo_for
+
+            cdtype = torch.bfloat16 if bf16 else torch.float32
+            self.fused = fused_elbo_for(self.model, cfg.objective, cdtype)
+            if self.fused is not None and bf16:
+                self.precision = "bf16 products (fused MLP gradient)"
+        if bf16 and self.fused is None:  # float32 weights, bf16 products
             self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
-        elif tc.bf16:
-            warnings.warn(
-                f"train.bf16 needs CUDA or a CPU with native bfloat16 arithmetic (AVX512-BF16 "
-                f"or AMX); {device} ({cpu_model() if device.type == 'cpu' else device.type}) "
-                "has none, so this run trains in float32",
-                stacklevel=3,
-            )
-        self.precision = "float32" if isinstance(self.autocast, nullcontext) else "bf16 autocast"
+            self.precision = "bf16 autocast"
         # train.compile: the whole objective (networks, likelihood, KL, loss) as one graph for
         # full batches, or (data-parallel, bf16) the encoder and decoder; in place either way,
         # so state_dict keys stay the same.
         self.compiled = None
-        if tc.compile and (dist is not None or tc.bf16):
+        if tc.compile and (dist is not None or bf16):
             self.model.encoder.compile(mode=tc.compile_mode)
             self.model.decoder.compile(mode=tc.compile_mode)
         elif tc.compile and cfg.objective.name in ("elbo", "iwae"):
             self.compiled = _compile_objective(self.model, cfg.objective, tc.compile_mode)
-        # train.fused: MLP VAEs with a Bernoulli ELBO take the hand-written gradient
-        # (vaelab.fused_elbo), one autograd node per step; compile switches it off.
-        # With bf16 the fused path runs its products in bfloat16 itself (no autocast needed).
-        self.fused = None
-        if tc.fused and not tc.compile and dist is None:
-            from vaelab.fused_elbo import fused_elbo_for
-
-            lowp = not isinstance(self.autocast, nullcontext)
-            cdtype = torch.bfloat16 if lowp else torch.float32
-            self.fused = fused_elbo_for(self.model, cfg.objective, cdtype)
-            if self.fused is not None and lowp:
-                self.autocast = nullcontext()
-                self.precision = "bf16 products (fused MLP gradient)"
         # bf16 + fused on the CPU: the gradients stay bfloat16 and one C kernel takes the Adam
         # step and writes the weights' bf16 copies (FusedAdam.step_bf16); not with clipping or
         # bad-step skipping, which want float32 .grad tensors.
@@ -895,6 +916,8 @@ def fit(
         raise ValueError(
             f"train.schedule must be one of {', '.join(SCHEDULES)}, got {tc.schedule!r}"
         )
+    if tc.bf16 not in (True, False, "auto"):
+        raise ValueError(f'train.bf16 must be true, false or "auto", got {tc.bf16!r}')
     if tc.compile_mode not in COMPILE_MODES:
         raise ValueError(
             f"train.compile_mode must be one of {', '.join(COMPILE_MODES)}, got {tc.compile_mode!r}"
