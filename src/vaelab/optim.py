@@ -86,15 +86,17 @@ class FusedAdam(torch.optim.Adam):
         self,
         grads: Sequence[torch.Tensor],
         copies: Sequence[torch.Tensor],
-        threads: int | None = None,
+        threads: int = 1,
     ) -> bool:
         """One Adam step of the (single group's) parameters from bfloat16 ``grads``, also
         writing each updated parameter, rounded to bfloat16, into ``copies``.
 
         Same update and state as :meth:`step` (``state_dict``, checkpoints and schedulers see
         no difference; the arithmetic is float32, in a different order, so results agree to
-        float rounding); the optimizer's step hooks do not run. ``threads`` defaults to torch's intra-op thread count. Returns False,
-        changing nothing, where it does not apply: no C kernel, not the plain case of
+        float rounding); the optimizer's step hooks do not run. ``threads``: POSIX threads
+        for the kernel, 1 by default: torch's OpenMP workers keep spinning for a while after
+        each parallel region, and on a small machine a second thread only competes with them
+        (measured slower on the 2-core development VM). Returns False, changing nothing, where it does not apply: no C kernel, not the plain case of
         :meth:`step`, or tensors that are not contiguous CPU float32 parameters with bfloat16
         gradients and copies of the same shapes. The caller then steps another way.
         """
@@ -157,7 +159,7 @@ class FusedAdam(torch.optim.Adam):
             group["eps"],
             group["weight_decay"],
             math.sqrt(1.0 - beta2**t),
-            threads if threads is not None else torch.get_num_threads(),
+            threads,
         )
         self._opt_called = True  # what torch's LR schedulers look for after a step
         return True
