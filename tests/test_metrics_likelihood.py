@@ -17,7 +17,9 @@ from vaelab.model import VAE, build_model
 
 def _mlp(shape=(1, 6, 6), z=3, seed=0, likelihood="bernoulli"):
     torch.manual_seed(seed)
-    cfg = ModelConfig(arch="mlp", hidden=(16,), latent_dim=z, likelihood=likelihood)
+    cfg = ModelConfig(  # PyTorch's init: a wide posterior, so IS here has modest variance
+        arch="mlp", hidden=(16,), latent_dim=z, likelihood=likelihood, init="torch"
+    )
     return build_model(cfg, shape).eval()
 
 

@@ -214,3 +214,64 @@ def test_output_bias_clamps_constant_pixels():
     assert torch.allclose(
         model.decoder[2].bias, torch.tensor([-edge, edge, 0.0, -math.log(3)]), atol=1e-5
     )
+
+
+# ------------------------------------------------------------------ model.init and the
+# data-dependent input centring
+
+
+def _linears(seq):
+    layers = list(seq)
+    return [(a, b) for a, b in zip(layers[:-1], layers[1:]) if isinstance(a, torch.nn.Linear)]
+
+
+def test_he_init_for_relu_layers_and_a_narrow_posterior():
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(hidden=(400, 300), latent_dim=10), (1, 28, 28))
+    relu_layers = [a for a, b in _linears(m.encoder.body) + _linears(m.decoder)
+                   if isinstance(b, torch.nn.ReLU)]  # fmt: skip
+    assert len(relu_layers) == 4  # 784-400-300 in the encoder, z-300-400 in the decoder
+    for lin in relu_layers:
+        want = math.sqrt(2.0 / lin.in_features)  # He et al. 2015, fan-in
+        assert abs(float(lin.weight.detach().std()) / want - 1) < 0.05
+        assert torch.count_nonzero(lin.bias) == 0
+    bias = m.encoder.heads.linear.bias
+    assert torch.all(bias[10:] == -3.0) and not torch.all(bias[:10] == -3.0)
+    # PyTorch's default (uniform, std 1 / sqrt(3 fan_in)) under init = "torch"
+    torch.manual_seed(0)
+    t = build_model(ModelConfig(hidden=(400, 300), latent_dim=10, init="torch"), (1, 28, 28))
+    first = t.encoder.body[1]
+    assert abs(float(first.weight.detach().std()) * math.sqrt(3 * 784) - 1) < 0.05
+    assert float(first.weight.detach().abs().max()) <= 1 / math.sqrt(784)
+    assert not torch.all(t.encoder.heads.linear.bias[10:] == -3.0)
+
+
+def test_he_init_leaves_other_activations_and_architectures_alone():
+    torch.manual_seed(0)
+    tanh = build_model(ModelConfig(hidden=(200,), activation="tanh"), (1, 8, 8))
+    first = tanh.encoder.body[1]  # followed by tanh: PyTorch's uniform init
+    assert float(first.weight.detach().abs().max()) <= 1 / math.sqrt(64)
+    assert torch.count_nonzero(first.bias) > 0
+    with pytest.raises(ValueError, match="model.init must be one of he, torch"):
+        build_model(ModelConfig(init="xavier"), (1, 8, 8))
+
+
+def test_input_bias_centres_the_first_layer_on_the_mean():
+    from vaelab.model import init_input_bias
+
+    torch.manual_seed(0)
+    m = build_model(ModelConfig(hidden=(32,), latent_dim=3, init="torch"), (1, 6, 5))
+    first = m.encoder.body[1]
+    old_bias = first.bias.detach().clone()
+    mean = torch.rand(1, 6, 5)
+    assert init_input_bias(m, mean) == "encoder input centred on the training mean"
+    with torch.no_grad():  # the mean image now gets what a zero image got before
+        torch.testing.assert_close(first(mean.flatten()), old_bias, rtol=1e-5, atol=1e-6)
+    lin = build_model(ModelConfig(arch="linear", latent_dim=2), (1, 6, 5))
+    assert init_input_bias(lin, mean) is not None  # the heads are the first layer
+    conv = build_model(ModelConfig(arch="conv", latent_dim=2), (1, 28, 28))
+    before = {k: v.clone() for k, v in conv.state_dict().items()}
+    assert init_input_bias(conv, torch.rand(1, 28, 28)) is None
+    assert all(torch.equal(v, conv.state_dict()[k]) for k, v in before.items())
+    with pytest.raises(ValueError, match=r"mean image of shape \(1, 5, 6\)"):
+        init_input_bias(m, torch.rand(1, 5, 6))

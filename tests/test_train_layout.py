@@ -257,3 +257,26 @@ def test_bf16_setting_is_checked(digits):
     bad = replace(cfg, train=replace(cfg.train, bf16="sometimes"))
     with pytest.raises(ValueError, match="train.bf16 must be"):
         fit(bad, out_dir=None, data=digits, progress=False)
+
+
+@pytest.mark.parametrize("centre", [True, False])
+def test_new_runs_centre_the_mlp_encoder_input(digits, centre):
+    """train.init_input_bias: at the first step the encoder's first layer maps the training
+    mean image to 0 (He init: zero biases, then b = -W mean); off, it keeps zero biases."""
+    from vaelab.data import mean_image
+
+    seen = {}
+
+    class AtStart:
+        def on_train_begin(self, st):
+            first = st.model.encoder.body[1]
+            with torch.no_grad():
+                seen["out"] = first(mean_image(digits.train).float().flatten())
+                seen["bias"] = first.bias.detach().clone()
+
+    cfg = mlp_cfg("train.max_steps=1", f"train.init_input_bias={str(centre).lower()}")
+    fit(cfg, out_dir=None, data=digits, progress=False, callbacks=[AtStart()])
+    if centre:
+        assert seen["out"].abs().max() < 1e-5 and seen["bias"].abs().max() > 0.1
+    else:
+        assert torch.count_nonzero(seen["bias"]) == 0

@@ -64,6 +64,7 @@ from vaelab.model import (
     build_model,
     count_parameters,
     has_convolutions,
+    init_input_bias,
     init_output_bias,
     save_model,
 )
@@ -389,8 +390,13 @@ class _Loop:
         self.t_start = time.perf_counter()
         self.model = build_model(cfg.model, data.info.shape).to(device)
         self.output_bias = None  # what init_output_bias set (a resumed run loads its own)
-        if tc.init_output_bias:
-            self.output_bias = init_output_bias(self.model, mean_image(data.train).to(device))
+        if tc.init_output_bias or tc.init_input_bias:
+            mean = mean_image(data.train).to(device)
+            done = [
+                init_output_bias(self.model, mean) if tc.init_output_bias else None,
+                init_input_bias(self.model, mean) if tc.init_input_bias else None,
+            ]
+            self.output_bias = "; ".join(d for d in done if d) or None
         # train.channels_last: convolutional networks train in NHWC (faster in oneDNN/cuDNN)
         self.channels_last = tc.channels_last and has_convolutions(self.model)
         if self.channels_last:

@@ -33,6 +33,32 @@ class MLPEncoder(nn.Module):
         return self.heads(self.body(x))
 
 
+INITS = ("he", "torch")
+INIT_LOGVAR = -3.0  # "he": the encoder's log-variances start here (sigma = 0.22)
+
+
+def init_mlp(encoder: MLPEncoder, decoder: nn.Sequential, scheme: str) -> None:
+    """Initialise an MLP VAE's layers in place by ``scheme`` (see ``ModelConfig.init``).
+
+    ``"he"``: each Linear followed by a ReLU gets N(0, 2 / fan_in) weights and zero biases
+    (He et al. 2015), and the encoder's log-variance outputs get bias ``INIT_LOGVAR``;
+    ``"torch"`` leaves PyTorch's initialisation.
+    """
+    if scheme not in INITS:
+        raise ValueError(f"model.init must be one of {', '.join(INITS)}, got {scheme!r}")
+    if scheme == "torch":
+        return
+    with torch.no_grad():
+        for seq in (encoder.body, decoder):
+            layers = list(seq)
+            for layer, nxt in zip(layers[:-1], layers[1:]):
+                if isinstance(layer, nn.Linear) and isinstance(nxt, nn.ReLU):
+                    nn.init.kaiming_normal_(layer.weight, nonlinearity="relu")
+                    layer.bias.zero_()
+        head = encoder.heads.linear
+        head.bias[head.out_features // 2 :] = INIT_LOGVAR
+
+
 @ARCHITECTURES.register("mlp")
 def build_mlp(cfg, shape: tuple[int, int, int], out_channels: int) -> tuple[nn.Module, nn.Module]:
     """Multilayer perceptron; ``hidden`` are encoder widths, the decoder mirrors them.
@@ -51,6 +77,7 @@ def build_mlp(cfg, shape: tuple[int, int, int], out_channels: int) -> tuple[nn.M
         Reshape(out_channels, h, w),
     )
     assert math.prod((out_channels, h, w)) == out_channels * h * w
+    init_mlp(encoder, decoder, getattr(cfg, "init", "he"))
     return encoder, decoder
 
 
