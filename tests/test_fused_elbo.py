@@ -225,3 +225,21 @@ def test_compute_dtype_is_checked():
     model, _, _, obj = _bf16_setup()
     with pytest.raises(ValueError, match="compute_dtype"):
         fused_elbo_for(model, obj, torch.float16)
+
+
+def test_bf16_copies_follow_torch_fused_adam_which_keeps_version_counters():
+    """torch.optim.Adam(fused=True) updates weights without moving their version counters,
+    so the copies are re-rounded before every call unless FusedAdam.step_bf16 wrote them."""
+    model, x, eps, obj = _bf16_setup(seed=7)
+    low = fused_elbo_for(model, obj, torch.bfloat16)
+    opt = torch.optim.Adam(model.parameters(), lr=0.05, fused=True)
+    _grads(model, low(x, eps).loss)
+    versions = [p._version for p in model.parameters()]
+    opt.step()
+    assert [p._version for p in model.parameters()] == versions  # what makes this hard
+    after = low(x, eps).loss.detach()
+    fresh = fused_elbo_for(model, obj, torch.bfloat16)(x, eps).loss.detach()
+    assert torch.equal(after, fresh)
+    assert all(
+        torch.equal(c, p.detach().to(torch.bfloat16)) for c, p in zip(low.copies, low.params)
+    )

@@ -134,31 +134,35 @@ class FusedElbo:
             if lin.bias is None:
                 raise ValueError("FusedElbo needs Linear layers with biases")
             self.params += [lin.weight, lin.bias]
-        # bf16: the weights' rounded copies, refreshed when a weight changed (its version
-        # counter moved) unless FusedAdam.step_bf16 wrote them together with the weights.
+        # bf16: the weights' rounded copies. Re-rounded before every step unless
+        # FusedAdam.step_bf16 just wrote them with the weights (mark_copies_fresh) and no
+        # weight changed since (version counters; torch's fused Adam does not move them,
+        # hence the flag rather than versions alone).
         self.lowp = compute_dtype != torch.float32
         self.copies: list[torch.Tensor] = []
         self._versions: list[int] = []
+        self._fresh = False
         # capture_grads: the backward keeps the bfloat16 gradients in ``grads`` for
         # FusedAdam.step_bf16 and gives the weights none (their .grad stays None).
         self.capture_grads = False
         self.grads: list[torch.Tensor] | None = None
 
     def refresh_copies(self) -> list[torch.Tensor]:
-        """The bfloat16 copies of the weights, re-rounded where a weight changed."""
+        """The bfloat16 copies of the weights, re-rounded unless known to be current."""
+        versions = [p._version for p in self.params]
         if not self.copies:
             self.copies = [p.detach().to(self.compute_dtype) for p in self.params]
-            self._versions = [p._version for p in self.params]
-            return self.copies
-        for i, p in enumerate(self.params):
-            if p._version != self._versions[i]:
-                self.copies[i].copy_(p.detach())
-                self._versions[i] = p._version
+        elif not (self._fresh and versions == self._versions):
+            for c, p in zip(self.copies, self.params):
+                c.copy_(p.detach())
+        self._versions, self._fresh = versions, False
         return self.copies
 
     def mark_copies_fresh(self) -> None:
-        """Say that ``copies`` hold the current weights rounded (after FusedAdam.step_bf16)."""
+        """Say that ``copies`` hold the current weights rounded (FusedAdam.step_bf16 wrote
+        both); the next call then uses them as they are."""
         self._versions = [p._version for p in self.params]
+        self._fresh = True
 
     def __call__(
         self, x: torch.Tensor, eps: torch.Tensor, beta: float | torch.Tensor = 1.0
