@@ -157,3 +157,27 @@ def test_linear_relu_kernel_matches_torch(fresh_cache, h_out, k_in):
             assert dot.isnan().all()  # untouched
     assert native.linear_relu(zbuf.t(), v, wt, bias) is None  # not contiguous: not applicable
     assert native.linear_relu(zbuf.double(), v, wt, bias) is None
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+@pytest.mark.parametrize("d", [784, 1025, 7])
+def test_bf16_bernoulli_gradient_kernel_matches_the_float32_one(fresh_cache, d):
+    """bf16 logits in: log p(x|z) as the float32 kernel gives for the same (widened) logits,
+    and the gradient scale * (sigmoid(l) - x) rounded to the nearest bf16."""
+    g = torch.Generator().manual_seed(d)
+    rows = 9
+    logits = (torch.randn(rows, d, generator=g) * 6).to(torch.bfloat16)
+    logits[0, :3] = torch.tensor([80.0, -80.0, 0.0])
+    x = torch.bernoulli(torch.full((rows, d), 0.4), generator=g)
+    x[1] = torch.rand(d, generator=g)  # grey levels
+    wide = logits.float()
+    f32 = native.bernoulli_rows_grad(wide, x)
+    f16 = native.bernoulli_rows_grad_bf16(logits, x)
+    assert f32 is not None and f16 is not None, native.why_not("bernoulli")
+    lp32, gr32 = torch.empty(rows), torch.empty(rows, d)
+    lp16, gr16 = torch.empty(rows), torch.empty(rows, d, dtype=torch.bfloat16)
+    f32(wide.data_ptr(), x.data_ptr(), rows, d, lp32.data_ptr(), gr32.data_ptr())
+    f16(logits.data_ptr(), x.data_ptr(), rows, d, lp16.data_ptr(), gr16.data_ptr(), 0.25)
+    assert torch.equal(lp16, lp32)  # same arithmetic on the same values
+    assert torch.equal(gr16, (gr32 * 0.25).to(torch.bfloat16))  # round to nearest even
+    assert native.bernoulli_rows_grad_bf16(wide, x) is None  # float32 logits: not this kernel

@@ -134,35 +134,20 @@ class FusedElbo:
             if lin.bias is None:
                 raise ValueError("FusedElbo needs Linear layers with biases")
             self.params += [lin.weight, lin.bias]
-        # bf16: the weights' rounded copies. Re-rounded before every step unless
-        # FusedAdam.step_bf16 just wrote them with the weights (mark_copies_fresh) and no
-        # weight changed since (version counters; torch's fused Adam does not move them,
-        # hence the flag rather than versions alone).
+        # bf16: the weights' rounded copies, re-rounded before every step into the same
+        # buffers (torch's fused Adam updates weights without moving their version counters,
+        # so "changed since last time" cannot be told cheaply; rounding is ~0.1 ms a step).
         self.lowp = compute_dtype != torch.float32
         self.copies: list[torch.Tensor] = []
-        self._versions: list[int] = []
-        self._fresh = False
-        # capture_grads: the backward keeps the bfloat16 gradients in ``grads`` for
-        # FusedAdam.step_bf16 and gives the weights none (their .grad stays None).
-        self.capture_grads = False
-        self.grads: list[torch.Tensor] | None = None
 
     def refresh_copies(self) -> list[torch.Tensor]:
-        """The bfloat16 copies of the weights, re-rounded unless known to be current."""
-        versions = [p._version for p in self.params]
+        """The weights rounded to bfloat16 now (in the same buffers each time)."""
         if not self.copies:
             self.copies = [p.detach().to(self.compute_dtype) for p in self.params]
-        elif not (self._fresh and versions == self._versions):
+        else:
             for c, p in zip(self.copies, self.params):
                 c.copy_(p.detach())
-        self._versions, self._fresh = versions, False
         return self.copies
-
-    def mark_copies_fresh(self) -> None:
-        """Say that ``copies`` hold the current weights rounded (FusedAdam.step_bf16 wrote
-        both); the next call then uses them as they are."""
-        self._versions = [p._version for p in self.params]
-        self._fresh = True
 
     def __call__(
         self, x: torch.Tensor, eps: torch.Tensor, beta: float | torch.Tensor = 1.0
@@ -172,7 +157,6 @@ class FusedElbo:
         beta_t = torch.as_tensor(beta, dtype=x.dtype, device=x.device)
         if self.lowp:
             self.refresh_copies()
-            self.grads = None
         loss, elbo, log_px_z, kl, kl_per_dim = _FusedElboFunction.apply(
             x, eps, beta_t, self.acts, self.n_enc, self, *self.params
         )
@@ -196,9 +180,9 @@ class _FusedElboFunction(torch.autograd.Function):
             h = torch.addmm(biases[i], h, weights[i].t())
             if acts[i] is not None:
                 h = _act_forward(acts[i], h)
-        mu, logvar = h[:, :zdim], h[:, zdim:]
         if lowp:
-            mu, logvar = mu.float(), logvar.float()
+            h = h.float()
+        mu, logvar = h[:, :zdim], h[:, zdim:]
         std = torch.exp(0.5 * logvar)
         z = torch.addcmul(mu, std, eps).view(n_samples * b, zdim)  # (L*B, Z), sample-major
         g, dec_in = (z.to(cdtype) if lowp else z), []
@@ -208,10 +192,26 @@ class _FusedElboFunction(torch.autograd.Function):
             if acts[i] is not None:
                 g = _act_forward(acts[i], g)
         logits = g.view(n_samples, b, -1)
-        if lowp:
+        kernel16 = native.bernoulli_rows_grad_bf16(logits, xf) if lowp else None
+        if lowp and kernel16 is None:
             logits = logits.float()
-        kernel = native.bernoulli_rows_grad(logits, xf)
-        if kernel is not None:  # log p(x|z) and d(-log p)/dl = sigmoid(l) - x in one pass
+        kernel = None if kernel16 is not None else native.bernoulli_rows_grad(logits, xf)
+        prescaled = kernel16 is not None
+        if prescaled:  # bf16 logits in, bf16 gradient / (B L) out: backward's dy as it is
+            dlogits = torch.empty_like(logits)
+            log_p = torch.empty(n_samples, b, dtype=xf.dtype, device=xf.device)
+            step = b * xf.shape[1] * logits.element_size()
+            for s in range(n_samples):
+                kernel16(
+                    logits.data_ptr() + s * step,
+                    xf.data_ptr(),
+                    b,
+                    xf.shape[1],
+                    log_p[s].data_ptr(),
+                    dlogits.data_ptr() + s * step,
+                    1.0 / (b * n_samples),
+                )
+        elif kernel is not None:  # log p(x|z) and d(-log p)/dl = sigmoid(l) - x in one pass
             dlogits = torch.empty_like(logits)
             log_p = logits.new_empty(n_samples, b)
             step = b * xf.shape[1] * logits.element_size()
@@ -234,8 +234,8 @@ class _FusedElboFunction(torch.autograd.Function):
         kl = kl_per_dim.sum(-1)
         elbo = log_px_z - kl
         loss = (beta * kl - log_px_z).mean()
-        ctx.acts, ctx.n_enc, ctx.lowp, ctx.owner = acts, n_enc, lowp, owner
-        ctx.kernel_grad = dlogits is not None
+        ctx.acts, ctx.n_enc, ctx.lowp = acts, n_enc, lowp
+        ctx.kernel_grad, ctx.prescaled = dlogits is not None, prescaled
         saved_l = dlogits if dlogits is not None else logits
         ctx.save_for_backward(xf, eps, beta, mu, std, var, saved_l, *enc_in, h, *dec_in, *params)
         ctx.n_in = (len(enc_in), len(dec_in))
@@ -258,7 +258,9 @@ class _FusedElboFunction(torch.autograd.Function):
         scale = grad_loss / b  # d loss / d (per-image term)
         grads: list[torch.Tensor | None] = [None] * len(params)
         # Bernoulli on logits: d(-log p)/dl = sigmoid(l) - x, averaged over the L samples
-        if ctx.kernel_grad:  # computed by the forward's kernel
+        if ctx.prescaled:  # the forward's bf16 kernel already divided by B L
+            dy = saved_l if bool(grad_loss == 1) else saved_l * grad_loss.to(saved_l.dtype)
+        elif ctx.kernel_grad:  # computed by the forward's kernel
             dy = saved_l * (scale / n_samples)
         else:
             dy = torch.sigmoid(saved_l).sub_(xf).mul_(scale / n_samples)
@@ -291,9 +293,6 @@ class _FusedElboFunction(torch.autograd.Function):
             grads[2 * i + 1] = dy.sum(0)
             if i > 0:
                 dy = dy @ weights[i]
-        if lowp and ctx.owner.capture_grads:  # for FusedAdam.step_bf16, as they are
-            ctx.owner.grads = [g if g.dtype == cdtype else g.to(cdtype) for g in grads]
-            return (None,) * (6 + len(grads))
         if lowp:  # float32 gradients for the float32 weights
             grads = [g.float() for g in grads]
         return (None, None, None, None, None, None, *grads)

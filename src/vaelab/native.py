@@ -165,6 +165,24 @@ def bernoulli_rows_grad(logits, x):
     return function("bernoulli", "vaelab_bernoulli_rows_grad", [_PTR, _PTR, _I64, _I64, _PTR, _PTR])
 
 
+def bernoulli_rows_grad_bf16(logits, x):
+    """``vaelab_bernoulli_rows_grad_bf16(logits, x, rows, d, log_p, grad, scale)`` of
+    ``csrc/bernoulli.c`` (bfloat16 logits in, float32 log p(x|z) and bfloat16 scaled gradient
+    out) if it applies (contiguous CPU tensors: ``logits`` bfloat16, ``x`` float32), else None."""
+    if not (
+        _cpu_float32(x)
+        and logits.device.type == "cpu"
+        and logits.dtype == torch.bfloat16
+        and logits.is_contiguous()
+    ):
+        return None
+    return function(
+        "bernoulli",
+        "vaelab_bernoulli_rows_grad_bf16",
+        [_PTR, _PTR, _I64, _I64, _PTR, _PTR, ctypes.c_float],
+    )
+
+
 def linear_relu(*tensors):
     """``vaelab_linear_relu(z, zs, rows, wt, bias, k_in, h_out, h, v, per, dot)`` of
     ``csrc/mlp.c`` (an MLP decoder's first layer + ReLU, optionally dotted with a per-group
@@ -175,21 +193,6 @@ def linear_relu(*tensors):
         "mlp",
         "vaelab_linear_relu",
         [_PTR, _I64, _I64, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR],
-    )
-
-
-def adam_bf16_many():
-    """``vaelab_adam_bf16_many(count, p, grad, m, v, copy, n, step_size, beta1, beta2, eps,
-    weight_decay, bias2_sqrt, threads)`` of ``csrc/adam.c`` -- Adam steps of float32
-    parameters from bfloat16 gradients that also write each parameter's bfloat16 copy, over
-    ``count`` tensors given as pointer arrays -- or None when unavailable. The caller checks
-    the tensors (contiguous, on the CPU, float32 and bfloat16 as named)."""
-    f, pp = ctypes.c_float, ctypes.POINTER(ctypes.c_void_p)
-    return function(
-        "adam",
-        "vaelab_adam_bf16_many",
-        [_I64, pp, pp, pp, pp, pp, ctypes.POINTER(_I64), f, f, f, f, f, f, _I64],
-        ctypes.c_int,
     )
 
 

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 import vaelab
-from vaelab import native, runs
+from vaelab import runs
 from vaelab.config import Config, to_dict
 from vaelab.cpu import denormals_flushed
 from vaelab.devices import cpu_model, describe_hardware, native_bf16, pick_device
@@ -389,7 +389,7 @@ class _Loop:
         self.progress = progress and self.writes
         self.t_start = time.perf_counter()
         self.model = build_model(cfg.model, data.info.shape).to(device)
-        self.output_bias = None  # what init_output_bias set (a resumed run loads its own)
+        self.output_bias = None  # what init_output/input_bias set (a resumed run loads its own)
         if tc.init_output_bias or tc.init_input_bias:
             mean = mean_image(data.train).to(device)
             done = [
@@ -438,18 +438,6 @@ class _Loop:
             self.model.decoder.compile(mode=tc.compile_mode)
         elif tc.compile and cfg.objective.name in ("elbo", "iwae"):
             self.compiled = _compile_objective(self.model, cfg.objective, tc.compile_mode)
-        # bf16 + fused on the CPU: the gradients stay bfloat16 and one C kernel takes the Adam
-        # step and writes the weights' bf16 copies (FusedAdam.step_bf16); not with clipping or
-        # bad-step skipping, which want float32 .grad tensors.
-        self.lowp_adam = (
-            self.fused is not None
-            and self.fused.lowp
-            and device.type == "cpu"
-            and tc.grad_clip <= 0
-            and tc.max_bad_steps <= 0
-            and isinstance(self.optimizer, FusedAdam)
-            and native.adam_bf16_many() is not None
-        )
         info = data.info
         proper = self.model.likelihood.is_proper(info.value_kind)
         discrete = proper and info.value_kind in ("binary", "8bit")
@@ -600,7 +588,6 @@ class _Loop:
         with self.autocast:
             if self.fused is not None:
                 beta = beta_schedule(step, self.cfg.objective, st.total_steps)
-                self.fused.capture_grads = self.lowp_adam
                 out = self.fused(x, self._noise(x), beta)
             elif self.dist is None and self.compiled is not None and x.shape[0] == tc.batch_size:
                 out = self._compiled_objective(x, step)  # the last, smaller batch runs eagerly
@@ -614,12 +601,8 @@ class _Loop:
         opt.zero_grad(set_to_none=True)
         loss.backward()
         gnorm = None
-        lowp_grads = self.fused.grads if self.lowp_adam else None
         if tc.grad_clip > 0:
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, tc.grad_clip, foreach=True)
-        elif lowp_grads is not None and log_now:
-            norms = [torch.linalg.vector_norm(g, dtype=torch.float32) for g in lowp_grads]
-            gnorm = torch.linalg.vector_norm(torch.stack(norms))
         elif log_now or tc.max_bad_steps > 0:
             gnorm = grad_norm(self.params)
         bad = ~torch.isfinite(loss.detach())
@@ -635,14 +618,7 @@ class _Loop:
             self.grad_was_bad.zero_()
         else:
             self.first_bad.masked_fill_(bad & (self.first_bad < 0), step + 1)  # no sync
-            if lowp_grads is None:
-                opt.step()
-            elif opt.step_bf16(lowp_grads, self.fused.copies):
-                self.fused.mark_copies_fresh()
-            else:  # the kernel does not apply to these tensors: widen and step as usual
-                for p, g in zip(self.fused.params, lowp_grads):
-                    p.grad = g.float()
-                opt.step()
+            opt.step()
             if tc.schedule == "cosine":
                 self.scheduler.step()
             b = x.shape[0]

@@ -13,6 +13,7 @@
  */
 #include <math.h>
 #include <stdint.h>
+#include <string.h>
 
 #define LANES 16
 #define BLOCK 1024
@@ -60,28 +61,64 @@ void vaelab_bernoulli_rows(const float *restrict logits, int64_t rows, int64_t d
  * and sigmoid(l) = (l >= 0 ? 1 : e) / (1 + e); the logs of (1 + e) are again taken of products
  * of at most 64 factors per lane. x has d values per row (grey levels in [0, 1] allowed).
  */
+
+/* One block of n <= BLOCK logits q with targets xq: gradients into gq, factors into t; returns
+ * the block's sum_i x_i l_i - max(l_i, 0). */
+static inline float block_grad(const float *restrict q, const float *restrict xq,
+                               float *restrict gq, float *restrict t, int64_t n) {
+  float lin = 0.f;
+  for (int64_t i = 0; i < n; ++i) {
+    const float l = q[i];
+    const float e = expf(-fabsf(l));
+    const float one_e = 1.f + e;
+    lin += xq[i] * l - (l > 0.f ? l : 0.f);
+    t[i] = one_e;
+    gq[i] = (l >= 0.f ? 1.f : e) / one_e - xq[i];
+  }
+  return lin;
+}
+
 void vaelab_bernoulli_rows_grad(const float *restrict logits, const float *restrict x,
                                 int64_t rows, int64_t d, float *restrict log_p,
                                 float *restrict grad) {
   float t[BLOCK];
   for (int64_t r = 0; r < rows; ++r) {
-    const float *p = logits + r * d;
-    const float *xr = x + r * d;
-    float *gr = grad + r * d;
     float lin = 0.f, log_sum = 0.f;
     for (int64_t start = 0; start < d; start += BLOCK) {
       const int64_t n = d - start < BLOCK ? d - start : BLOCK;
-      const float *q = p + start, *xq = xr + start;
-      float *gq = gr + start;
-      for (int64_t i = 0; i < n; ++i) {
-        const float l = q[i];
-        const float e = expf(-fabsf(l));
-        const float one_e = 1.f + e;
-        lin += xq[i] * l - (l > 0.f ? l : 0.f);
-        t[i] = one_e;
-        gq[i] = (l >= 0.f ? 1.f : e) / one_e - xq[i];
-      }
+      const int64_t at = r * d + start;
+      lin += block_grad(logits + at, x + at, grad + at, t, n);
       log_sum += sum_log(t, n);
+    }
+    log_p[r] = lin - log_sum;
+  }
+}
+
+/* The same from bfloat16 logits (the high halves of float32s), for mixed-precision training:
+ * log_p in float32, and grad written as bfloat16 of scale * (sigmoid(l) - x) (rounded to
+ * nearest even), ready for the bf16 backward products (vaelab/fused_elbo.py). */
+void vaelab_bernoulli_rows_grad_bf16(const uint16_t *restrict logits, const float *restrict x,
+                                     int64_t rows, int64_t d, float *restrict log_p,
+                                     uint16_t *restrict grad, float scale) {
+  float t[BLOCK], q[BLOCK], g[BLOCK];
+  for (int64_t r = 0; r < rows; ++r) {
+    float lin = 0.f, log_sum = 0.f;
+    for (int64_t start = 0; start < d; start += BLOCK) {
+      const int64_t n = d - start < BLOCK ? d - start : BLOCK;
+      const int64_t at = r * d + start;
+      for (int64_t i = 0; i < n; ++i) {
+        const uint32_t u = (uint32_t)logits[at + i] << 16;
+        memcpy(&q[i], &u, sizeof u);
+      }
+      lin += block_grad(q, x + at, g, t, n);
+      log_sum += sum_log(t, n);
+      for (int64_t i = 0; i < n; ++i) {
+        uint32_t u;
+        const float v = scale * g[i];
+        memcpy(&u, &v, sizeof u);
+        const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
+        grad[at + i] = (uint16_t)((((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x400000u) : rounded) >> 16);
+      }
     }
     log_p[r] = lin - log_sum;
   }
