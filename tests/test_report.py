@@ -98,6 +98,7 @@ def test_report_is_self_contained_with_every_applicable_figure(run_dir):
     assert "IS log-likelihood, k=500" in page and "stderr=0.02" in page
     assert "bits_per_dim" in page
     assert "Total parameters" in page  # the model summary table
+    assert "training arithmetic" in page  # float32, or bf16 products where the run used them
     assert 'name = "quickstart"' in page  # the config as TOML
     assert "is digit 7" in page  # the attribute probe table
     assert (run_dir / "figures" / "traversal-animation.gif").is_file()

@@ -113,6 +113,7 @@ GLANCE = (
     ("epochs", "epochs"),
     ("steps", "steps"),
     ("wall_time_s", "wall time (s)"),
+    ("precision", "training arithmetic"),
     ("valid.elbo", "final valid ELBO (nats)"),
     ("valid.bits_per_dim", "final valid bits/dim"),
     ("best_valid_elbo", "best valid ELBO (nats)"),
