@@ -15,7 +15,9 @@ Each contender trains in its own fresh process, alternating A B A B over ``--rou
   encoder and decoder modules (sigmoid on the decoder's output).
 * vaelab: ``fit()`` on the ``pytorch-examples`` preset (MLP 784-400-20, Bernoulli, Adam 1e-3,
   batch 128) with its default train settings (``--vaelab-set`` adds overrides); conv/dcgan use
-  the same preset with ``model.arch`` changed.
+  the same preset with ``model.arch`` changed. On a CPU with native bf16 the defaults run the
+  MLP's products in bfloat16 (``train.bf16 = "auto"``; the script prints what vaelab trained
+  in); ``--vaelab-set train.bf16=false`` compares float32 with float32.
 
 Both see the same data: MNIST grey levels in [0, 1] (vaelab's 50,000-image train split and the
 10,000 test images), or random uint8 3x64x64 images for the conv/dcgan throughput runs.
@@ -418,6 +420,7 @@ def mlp_vaelab(args, data) -> dict:
         "train_s": clock.total,
         "images_per_s": images / clock.total,
         "fit_images_per_s": result.summary["images_per_s"],
+        "precision": result.summary.get("precision"),
         "test_elbo": test_elbo(lambda x: _mu_logvar(model, x), model.decoder, x_test, seed=1),
         "to_target": watch.reached,
         "checks": watch.checks,
@@ -431,15 +434,16 @@ def throughput_run(args, data) -> dict:
 
     total = args.warmup + args.steps
     clock = Clock()
+    precision = "float32"
     if args.worker == "vaelab":
         cfg = vaelab_config(args, args.arch, [f"train.max_steps={total}"])
-        fit(
+        precision = fit(
             cfg,
             data=data,
             out_dir=None,
             progress=False,
             callbacks=[_Probe(clock, None, args.warmup)],
-        )
+        ).summary.get("precision")
     else:
         from torch.utils.data import DataLoader, TensorDataset
 
@@ -466,7 +470,12 @@ def throughput_run(args, data) -> dict:
                 break
         clock.stop()
     images = args.steps * args.batch
-    return {"images": images, "train_s": clock.total, "images_per_s": images / clock.total}
+    return {
+        "images": images,
+        "train_s": clock.total,
+        "images_per_s": images / clock.total,
+        "precision": precision,
+    }
 
 
 # ------------------------------------------------------------------------------ the matmul cap
@@ -710,6 +719,11 @@ def main() -> None:
                 )
                 + f", peak {s['peak_rss_mb']:.0f} MB"
             )
+        kinds = sorted(
+            {x["precision"] for x in rows if x["contender"] == "vaelab" and x.get("precision")}
+        )
+        if "vaelab" in contenders and kinds:
+            print(f"vaelab trained in: {'; '.join(kinds)} (reference: float32)")
         if len(contenders) == 2:
             ratios = [b["images_per_s"] / a["images_per_s"] for a, b in zip(rows[0::2], rows[1::2])]
             summary["ratio"] = med(ratios)
