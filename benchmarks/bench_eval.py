@@ -69,7 +69,10 @@ def build_and_train(data, epochs: float):
 
     torch.manual_seed(0)
     model = build_model(
-        ModelConfig(arch="mlp", hidden=(400,), latent_dim=20, likelihood="bernoulli"), (1, 28, 28)
+        # PyTorch's init, as every recorded run of this benchmark had (model.init's default
+        # became "he" in the sixth session): the same model, so the figures stay comparable
+        ModelConfig(arch="mlp", hidden=(400,), latent_dim=20, likelihood="bernoulli", init="torch"),
+        (1, 28, 28),
     )
     if epochs > 0:
         opt = torch.optim.Adam(model.parameters(), lr=1e-3)
