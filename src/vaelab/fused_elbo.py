@@ -17,7 +17,9 @@ It returns the same :class:`~vaelab.objectives.ObjectiveOutput` as
 uses it transparently (``train.fused = true``, the default). On the CPU in float32 the
 Bernoulli term and its gradient come from one pass of a C kernel (:mod:`vaelab.native`) when
 a C compiler is present. :func:`fused_elbo_for` says whether a model and objective qualify;
-anything else runs through autograd as before.
+anything else runs through autograd as before. With ``compute_dtype=torch.bfloat16``
+(``train.bf16``) the products run in bfloat16 on rounded copies of the weights, while the
+latents, the KL, the Bernoulli term and the weights' gradients stay float32.
 """
 
 from __future__ import annotations
@@ -195,26 +197,13 @@ class _FusedElboFunction(torch.autograd.Function):
         kernel16 = native.bernoulli_rows_grad_bf16(logits, xf) if lowp else None
         if lowp and kernel16 is None:
             logits = logits.float()
-        kernel = None if kernel16 is not None else native.bernoulli_rows_grad(logits, xf)
-        prescaled = kernel16 is not None
-        if prescaled:  # bf16 logits in, bf16 gradient / (B L) out: backward's dy as it is
+        kernel = kernel16 if kernel16 is not None else native.bernoulli_rows_grad(logits, xf)
+        prescaled = kernel16 is not None  # bf16 gradient / (B L): the backward's dy as it is
+        if kernel is not None:  # log p(x|z) and d(-log p)/dl = sigmoid(l) - x in one pass
             dlogits = torch.empty_like(logits)
             log_p = torch.empty(n_samples, b, dtype=xf.dtype, device=xf.device)
             step = b * xf.shape[1] * logits.element_size()
-            for s in range(n_samples):
-                kernel16(
-                    logits.data_ptr() + s * step,
-                    xf.data_ptr(),
-                    b,
-                    xf.shape[1],
-                    log_p[s].data_ptr(),
-                    dlogits.data_ptr() + s * step,
-                    1.0 / (b * n_samples),
-                )
-        elif kernel is not None:  # log p(x|z) and d(-log p)/dl = sigmoid(l) - x in one pass
-            dlogits = torch.empty_like(logits)
-            log_p = logits.new_empty(n_samples, b)
-            step = b * xf.shape[1] * logits.element_size()
+            extra = (1.0 / (b * n_samples),) if prescaled else ()
             for s in range(n_samples):  # x is shared by the L samples
                 kernel(
                     logits.data_ptr() + s * step,
@@ -223,6 +212,7 @@ class _FusedElboFunction(torch.autograd.Function):
                     xf.shape[1],
                     log_p[s].data_ptr(),
                     dlogits.data_ptr() + s * step,
+                    *extra,
                 )
         else:
             target = xf.expand(n_samples, b, xf.shape[1])
