@@ -118,10 +118,11 @@ class TrainConfig:
     encoder's first layer on the training mean (:func:`vaelab.model.init_input_bias`).
     ``channels_last`` trains convolutional networks with their weights and images in the
     channels-last memory layout (NHWC), which oneDNN on CPUs and cuDNN on GPUs run faster (no
-    effect on MLPs; the released model is converted back). ``bf16 = true`` runs the networks' products in
-    bfloat16 with float32 weights, optimizer, latents and likelihood (autocast; on the fused
-    MLP path, bf16 products and a bf16-gradient Adam kernel): on CUDA, and on CPUs with native
-    bf16 arithmetic (AVX512-BF16 or AMX); elsewhere it warns and trains in float32.
+    effect on MLPs; the released model is converted back). ``bf16 = true`` runs the
+    networks' products in bfloat16 with float32 weights, optimizer, latents and likelihood
+    (autocast; on the fused MLP path, its own bf16 products on rounded copies of the weights):
+    on CUDA, and on CPUs with native bf16 arithmetic (AVX512-BF16 or AMX); elsewhere it warns
+    and trains in float32.
     ``"auto"`` (the default) takes bf16 only where it was measured to pay without changing the
     result -- the fused MLP path on a CPU with native bf16 (2x the products' speed, the same
     test ELBO; docs/benchmarks.md) -- and float32 everywhere else; ``false`` is float32.

@@ -201,15 +201,11 @@ def init_input_bias(model: VAE, mean: torch.Tensor) -> str | None:
     if tuple(mean.shape) != model.shape:
         raise ValueError(f"mean image of shape {tuple(mean.shape)} for images {model.shape}")
     body = getattr(model.encoder, "body", None)
-    if isinstance(body, nn.Sequential) and len(body) > 1 and isinstance(body[0], nn.Flatten):
-        first = body[1]
-    else:
-        first = getattr(getattr(model.encoder, "heads", None), "linear", None)
-        if not (isinstance(body, nn.Sequential) and len(body) == 1):
-            first = None
-    if not isinstance(first, nn.Linear) or first.bias is None:
+    if not (isinstance(body, nn.Sequential) and len(body) and isinstance(body[0], nn.Flatten)):
         return None
-    if first.in_features != mean.numel():
+    # the first layer after the flatten: the body's, or the heads' when the body has none
+    first = body[1] if len(body) > 1 else getattr(model.encoder.heads, "linear", None)
+    if not isinstance(first, nn.Linear) or first.bias is None or first.in_features != mean.numel():
         return None
     with torch.no_grad():
         w = first.weight

@@ -232,12 +232,6 @@ def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def _fused_qualifies(model: torch.nn.Module, cfg: Config) -> bool:
-    from vaelab.fused_elbo import fused_elbo_for
-
-    return fused_elbo_for(model, cfg.objective) is not None
-
-
 def resolve_bf16(setting: bool | str, device: torch.device, fused_mlp: bool) -> bool:
     """Whether a run trains with bfloat16 products, from ``train.bf16``.
 
@@ -389,14 +383,14 @@ class _Loop:
         self.progress = progress and self.writes
         self.t_start = time.perf_counter()
         self.model = build_model(cfg.model, data.info.shape).to(device)
-        self.output_bias = None  # what init_output/input_bias set (a resumed run loads its own)
+        self.init_notes = None  # what init_output/input_bias set (a resumed run loads its own)
         if tc.init_output_bias or tc.init_input_bias:
             mean = mean_image(data.train).to(device)
             done = [
                 init_output_bias(self.model, mean) if tc.init_output_bias else None,
                 init_input_bias(self.model, mean) if tc.init_input_bias else None,
             ]
-            self.output_bias = "; ".join(d for d in done if d) or None
+            self.init_notes = "; ".join(d for d in done if d) or None
         # train.channels_last: convolutional networks train in NHWC (faster in oneDNN/cuDNN)
         self.channels_last = tc.channels_last and has_convolutions(self.model)
         if self.channels_last:
@@ -414,19 +408,17 @@ class _Loop:
         self.st = TrainState(cfg, self.model, self.optimizer, run_dir, total, steps_per_epoch)
         # train.fused: MLP VAEs with a Bernoulli ELBO take the hand-written gradient
         # (vaelab.fused_elbo), one autograd node per step; compile switches it off.
+        from vaelab.fused_elbo import fused_elbo_for
+
         fusable = tc.fused and not tc.compile and dist is None
-        bf16 = resolve_bf16(tc.bf16, device, fusable and _fused_qualifies(self.model, cfg))
+        self.fused = fused_elbo_for(self.model, cfg.objective) if fusable else None
+        bf16 = resolve_bf16(tc.bf16, device, self.fused is not None)
         self.autocast = nullcontext()
         self.precision = "float32"
-        self.fused = None
-        if fusable:  # with bf16, its products run in bfloat16 (no autocast)
-            from vaelab.fused_elbo import fused_elbo_for
-
-            cdtype = torch.bfloat16 if bf16 else torch.float32
-            self.fused = fused_elbo_for(self.model, cfg.objective, cdtype)
-            if self.fused is not None and bf16:
-                self.precision = "bf16 products (fused MLP gradient)"
-        if bf16 and self.fused is None:  # float32 weights, bf16 products
+        if self.fused is not None and bf16:  # its own bf16 products (no autocast)
+            self.fused = fused_elbo_for(self.model, cfg.objective, torch.bfloat16)
+            self.precision = "bf16 products (fused MLP gradient)"
+        elif bf16:  # float32 weights, bf16 products
             self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
             self.precision = "bf16 autocast"
         # train.compile: the whole objective (networks, likelihood, KL, loss) as one graph for
@@ -964,7 +956,7 @@ def _fit(cfg, data, device, run_dir, ckpt, callbacks, progress, data_dir, dist) 
         print(
             f"vaelab: training {cfg.name}: {data.describe()}; {cfg.model.arch}, "
             f"{count_parameters(loop.model):,} parameters, {device}{procs}{where}"
-            + (f"; {loop.output_bias}" if loop.output_bias and ckpt is None else ""),
+            + (f"; {loop.init_notes}" if loop.init_notes and ckpt is None else ""),
             file=sys.stderr,
         )
     loop.open_files(ckpt["metrics_offset"] if ckpt else None)

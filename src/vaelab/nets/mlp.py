@@ -77,7 +77,7 @@ def build_mlp(cfg, shape: tuple[int, int, int], out_channels: int) -> tuple[nn.M
         Reshape(out_channels, h, w),
     )
     assert math.prod((out_channels, h, w)) == out_channels * h * w
-    init_mlp(encoder, decoder, getattr(cfg, "init", "he"))
+    init_mlp(encoder, decoder, cfg.init)
     return encoder, decoder
 
 
