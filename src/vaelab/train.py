@@ -421,6 +421,21 @@ class _Loop:
         elif bf16:  # float32 weights, bf16 products
             self.autocast = torch.autocast(device.type, dtype=torch.bfloat16)
             self.precision = "bf16 autocast"
+        # train.sharded: two worker processes, each owning half of every layer (started by
+        # run(), after a resume has loaded the weights; vaelab.sharded)
+        self.sharded, self.shard = None, False
+        if tc.sharded:
+            from vaelab.sharded import why_not_sharded
+
+            bf16_fused = self.fused is not None and self.fused.lowp
+            why = why_not_sharded(self.model, cfg, device, bf16_fused)
+            if why is None and dist is not None:
+                why = "it does not combine with distributed training"
+            if why is None:
+                self.shard = True
+                self.precision += ", layers split over 2 pinned worker processes"
+            else:
+                warnings.warn(f"train.sharded: {why}; training in this process", stacklevel=3)
         # train.compile: the whole objective (networks, likelihood, KL, loss) as one graph for
         # full batches, or (data-parallel, bf16) the encoder and decoder; in place either way,
         # so state_dict keys stay the same.
@@ -517,6 +532,9 @@ class _Loop:
         self.tb = _tensorboard(self.cfg, self.run_dir)
 
     def close(self) -> None:
+        if self.sharded is not None:  # the model gets private copies of its weights back
+            self.sharded.close()
+            torch.set_num_threads(self.threads_before)
         if self.log is not None:
             self.log.close()
         if self.tb is not None:
@@ -573,6 +591,8 @@ class _Loop:
 
         No host-device sync unless ``train.max_bad_steps`` > 0.
         """
+        if self.sharded is not None:
+            return self._sharded_step(x, log_now)
         tc, st, opt = self.cfg.train, self.st, self.optimizer
         step = st.step
         if self.channels_last:
@@ -620,6 +640,29 @@ class _Loop:
             self.epoch_images += b
             self.window_images += b
             self.images_seen += b
+        st.step, st.batch = step + 1, st.batch + 1
+        return gnorm
+
+    def _sharded_step(self, x: torch.Tensor, log_now: bool) -> torch.Tensor | None:
+        """train_step on the two workers of ``train.sharded`` (same bookkeeping)."""
+        st, step, b = self.st, self.st.step, x.shape[0]
+        beta = beta_schedule(step, self.cfg.objective, st.total_steps)
+        loss, log_p, kl, norm = self.sharded(x, self._noise(x), beta, log_now)
+        if not math.isfinite(loss) and self.first_bad < 0:
+            self.first_bad.fill_(step + 1)
+        gnorm = None
+        if norm is not None:
+            gnorm = torch.tensor(norm)
+            if not math.isfinite(norm) and math.isfinite(loss) and self.first_bad < 0:
+                self.grad_was_bad.fill_(True)
+                self.first_bad.fill_(step + 1)
+        if self.cfg.train.schedule == "cosine":
+            self.scheduler.step()
+        row = torch.tensor([loss * b, log_p - kl, log_p, kl], dtype=self.acc_dtype)
+        self.epoch_acc.addcmul_(row, self.acc_signs)
+        self.epoch_images += b
+        self.window_images += b
+        self.images_seen += b
         st.step, st.batch = step + 1, st.batch + 1
         return gnorm
 
@@ -744,6 +787,11 @@ class _Loop:
         from tqdm.auto import tqdm
 
         st, tc = self.st, self.cfg.train
+        threads = self.threads_before = torch.get_num_threads()
+        if self.shard and self.sharded is None:  # worker start-up (~1-2 s) before the clock
+            from vaelab.sharded import ShardedStep
+
+            self.sharded = ShardedStep(self.model, self.optimizer, tc.batch_size)
         for cb in self.callbacks["on_train_begin"]:
             cb(st)
         bar = tqdm(
@@ -756,6 +804,8 @@ class _Loop:
         )
         step_cbs = self.callbacks["on_step_end"]
         self.model.train()
+        if self.sharded is not None:  # this process only feeds the workers: one thread, so
+            torch.set_num_threads(1)  # that no idle OpenMP thread spins on their cores
         try:
             if self.dist is not None:
                 self.dist.reseed_workers(self.cfg.seed, st.step)
@@ -788,7 +838,11 @@ class _Loop:
                         if st.step >= st.total_steps:
                             break
                     self._add_time(t0)
+                    if self.sharded is not None:
+                        torch.set_num_threads(threads)  # validation runs here
                     records = self.end_epoch()
+                    if self.sharded is not None:
+                        torch.set_num_threads(1)
                     e = records[0]["epoch"]  # about 20 epoch lines per run, plus the last
                     if self.progress and (
                         e % max(1, self.n_epochs // 20) == 0
