@@ -128,9 +128,9 @@ class TrainConfig:
     test ELBO; docs/benchmarks.md) -- and float32 everywhere else; ``false`` is float32.
     ``compile_mode`` is torch.compile's mode for ``compile``: ``"reduce-overhead"`` replays the
     compiled step as CUDA graphs on a GPU (small networks, where launches dominate).
-    ``sharded = true`` trains a one-hidden-layer MLP VAE on the fused bf16 path with two
-    worker processes, each pinned to a CPU core and owning half of every layer
-    (:mod:`vaelab.sharded`); where it does not apply it warns and trains as usual.
+    ``sharded = true`` trains a one-hidden-layer MLP VAE on the fused bf16 path as two
+    processes (this one and a worker), each pinned to a CPU core and owning half of every
+    layer (:mod:`vaelab.sharded`); where it does not apply it warns and trains as usual.
     """
 
     epochs: int = 10

@@ -3,27 +3,30 @@
 On a 2-core machine whose cores are far apart (a cache line moving between them costs ~330 ns
 instead of ~85; docs/benchmarks.md), two threads run vaelab's fused step hardly faster than
 one, because every step both threads touch the same weights, bf16 copies and gradients. Here
-two worker processes, each pinned to one core with one torch thread, each *own* half of every
-layer, Megatron-style: the encoder's hidden units and the decoder's hidden units are split
-(column-parallel), the Gaussian heads take half of their input each (row-parallel: partial
-sums added), the output layer's pixels are split (column-parallel after gathering the
-decoder's hidden layer). Weights, their bf16 copies, gradients and Adam moments stay on one
-core; per step only activations cross (the heads' partial sums, the decoder's hidden layer
-and its gradient, dz), through shared memory and spin barriers.
+each core *owns* half of every layer, Megatron-style: the encoder's and the decoder's hidden
+units are split (column-parallel), the Gaussian heads take half of their input each
+(row-parallel: partial sums added), the output layer's pixels are split (column-parallel,
+after gathering the decoder's hidden layer). Weights, their bf16 copies, gradients and Adam
+moments stay on one core; per step only activations cross (the heads' partial sums, the
+decoder's hidden layer and its gradient, dz) through shared memory and spin barriers.
 
-The float32 weights and both Adam moments live in one shared-memory block, and the training
-model's parameters and its optimizer's state are views of that block, so validation,
-callbacks, checkpoints and resume see current values without copying. Per step the main
-process writes the batch, the noise, beta, the learning rate and the step count into the
-block, wakes both workers and sleeps until both are done (it must not spin: three busy
-processes on two cores would stall the barriers), then reads the partial loss sums.
+Shard 0 runs in the training process itself (pinned to the first core, one torch thread),
+shard 1 in a worker process started with the run (pinned to the second core). The float32
+weights and both Adam moments live in one shared-memory block, and the training model's
+parameters and its optimizer's state are views of that block, so validation, callbacks,
+checkpoints and resume see current values without copying. Per step the training process
+writes the batch, the noise, beta, the learning rate and the step count into the block and
+bumps a step counter; the worker, spinning on that counter (or asleep on a pipe after ~2 ms
+without a step, e.g. during validation), starts its half; both meet at four barriers; the
+training process then reads the partial loss sums. :meth:`ShardedStep.close` stops the
+worker and gives the model private copies of its weights again.
 
 Covers exactly the network of the ``pytorch-examples`` preset and its kin: an encoder with one
 ReLU hidden layer and a linear Gaussian head, a decoder with one ReLU hidden layer and a linear
 output, even widths, Bernoulli likelihood, the ELBO with one sample (beta or warm-up allowed),
-bf16 products, plain Adam; Linux with two usable cores. :func:`sharded_step_for` says why
-anything else does not qualify. The numbers equal the fused bf16 step's up to the order of
-bf16 roundings (tested).
+bf16 products, Adam; Linux with two usable cores. :func:`why_not_sharded` says why anything
+else does not qualify. The numbers equal the fused bf16 step's up to the order of bf16
+roundings (tested).
 """
 
 from __future__ import annotations
@@ -45,7 +48,11 @@ from torch import nn
 # hidden, decoder output; weight then bias).
 NAMES = ("W1", "b1", "Wh", "bh", "Wd1", "bd1", "Wo", "bo")
 _CTL = 16  # control slots (float64): see _Shared
-_TIMEOUT_S = 120.0  # a worker that does not answer a step in this long is taken for dead
+_TIMEOUT_S = 120.0  # a worker that does not start in this long is taken for dead
+_SPIN_BEFORE_SLEEP = 20_000  # polls of the step counter (~2 ms) before the worker sleeps
+# int64 slots of the counters row of each shard: barrier count, steps started (row 0: the main
+# process), steps done (row 1: the worker), the worker is asleep on its pipe
+_BARRIER, _GO, _DONE, _SLEEPING = 0, 8, 9, 10
 
 
 def _layers(model: nn.Module) -> list[nn.Linear] | None:
@@ -97,9 +104,10 @@ def why_not_sharded(model: nn.Module, cfg, device: torch.device, bf16_fused: boo
         return "it covers one ReLU hidden layer in the encoder and in the decoder"
     if any(lin.out_features % 2 for lin in (layers[0], layers[2], layers[3])):
         return "the hidden widths and the number of pixels must be even"
-    if native.bernoulli_rows_grad_bf16(
-        torch.zeros(1, 2, dtype=torch.bfloat16), torch.zeros(1, 2)
-    ) is None:
+    if (
+        native.bernoulli_rows_grad_bf16(torch.zeros(1, 2, dtype=torch.bfloat16), torch.zeros(1, 2))
+        is None
+    ):
         return f"the C Bernoulli kernel is unavailable ({native.why_not('bernoulli')})"
     return None
 
@@ -145,17 +153,17 @@ class _Shared:
 
 
 def _worker_main() -> None:
-    """Entry point of a worker process: ``python -c ... R SHM DIMS GO_FD DONE_FD``."""
-    r, name, dims, go_fd, done_fd = sys.argv[1:6]
-    _worker(int(r), name, json.loads(dims), int(go_fd), int(done_fd))
+    """Entry point of the worker process: ``python -c ... SHM DIMS WAKE_FD READY_FD PARENT``."""
+    name, dims, wake_fd, ready_fd, parent = sys.argv[1:6]
+    _worker(name, json.loads(dims), int(wake_fd), int(ready_fd), int(parent))
 
 
-def _worker(r: int, shm_name: str, dims: dict, go_fd: int, done_fd: int) -> None:
-    """Worker r: waits for a step, computes its halves, steps Adam on what it owns."""
+def _worker(shm_name: str, dims: dict, wake_fd: int, ready_fd: int, parent: int) -> None:
+    """Shard 1: waits for a step, computes its halves, steps Adam on what it owns."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides when to stop
     torch.set_num_threads(1)
     try:
-        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[r]})
+        os.sched_setaffinity(0, {sorted(os.sched_getaffinity(0))[1]})
     except OSError:
         pass
     torch.set_flush_denormal(True)
@@ -168,10 +176,36 @@ def _worker(r: int, shm_name: str, dims: dict, go_fd: int, done_fd: int) -> None
         resource_tracker.unregister(shm._name, "shared_memory")
     except (ImportError, AttributeError, KeyError):
         pass
+    sh = _Shared(shm.buf, dims)
+    flags = sh.counters.numpy()
+    alive = lambda: os.getppid() == parent  # noqa: E731
+    shard = _Shard(1, sh, dims, native, alive)
+    os.write(ready_fd, b"r")  # imports done, block attached
+    seen = 0
     try:
-        _worker_loop(r, _Shared(shm.buf, dims), dims, go_fd, done_fd, native)
+        while True:
+            # the next step: spin ~2 ms (steps follow each other closely), then sleep on the
+            # pipe (epoch ends: validation wants both cores) -- re-checking after each wake-up
+            spins = 0
+            while flags[0, _GO] <= seen:
+                spins += 1
+                if spins < _SPIN_BEFORE_SLEEP:
+                    continue
+                flags[1, _SLEEPING] = 1
+                if flags[0, _GO] > seen:
+                    flags[1, _SLEEPING] = 0
+                    break
+                if not os.read(wake_fd, 1) or not alive():
+                    return
+                flags[1, _SLEEPING] = 0
+                spins = 0
+            seen = int(flags[0, _GO])
+            if int(sh.ctl[0]) != 1:
+                return
+            shard.step()
+            flags[1, _DONE] = seen
     finally:
-        del native
+        del shard, sh, flags
         shm.close()
 
 
@@ -186,116 +220,131 @@ def _adam_(p, m, v, g, step, lr, beta1, beta2, eps, wd) -> None:
     p.addcdiv_(m, denom, value=-lr / (1 - beta1**step))
 
 
-def _worker_loop(r: int, sh: _Shared, dims: dict, go_fd: int, done_fd: int, native) -> None:
-    o = 1 - r
-    d, h, z, h2 = dims["D"], dims["H"], dims["Z"], dims["H2"]
-    u = slice(r * h // 2, (r + 1) * h // 2)  # this worker's encoder hidden units
-    u2 = slice(r * h2 // 2, (r + 1) * h2 // 2)  # its decoder hidden units
-    px = slice(r * d // 2, (r + 1) * d // 2)  # its output pixels
-    P, M, V = sh.param, sh.m, sh.v
-    # owned contiguous views (rows) for the fused Adam kernel; Wh's half is strided
-    own = {"W1": (P["W1"][u], M["W1"][u], V["W1"][u]), "b1": (P["b1"][u], M["b1"][u], V["b1"][u])}
-    own["Wd1"] = (P["Wd1"][u2], M["Wd1"][u2], V["Wd1"][u2])
-    own["bd1"] = (P["bd1"][u2], M["bd1"][u2], V["bd1"][u2])
-    own["Wo"] = (P["Wo"][px], M["Wo"][px], V["Wo"][px])
-    own["bo"] = (P["bo"][px], M["bo"][px], V["bo"][px])
-    fused_keys = ("W1", "b1", "Wd1", "bd1", "Wo", "bo")
-    wh = (P["Wh"][:, u], M["Wh"][:, u], V["Wh"][:, u])
-    bh = (P["bh"], M["bh"], V["bh"])
-    copies = {k: own[k][0].to(torch.bfloat16) for k in fused_keys}
-    copies["Wh"] = wh[0].to(torch.bfloat16).contiguous()
-    counters = sh.counters.numpy()
-    seq = [int(counters[r, 0])]
+class _Shard:
+    """Half r of every layer: its views of the block, bf16 copies, and one training step."""
 
-    def barrier() -> None:
-        seq[0] += 1
-        counters[r, 0] = seq[0]
-        while counters[o, 0] < seq[0]:
-            pass
+    def __init__(self, r: int, sh: _Shared, dims: dict, native, alive) -> None:
+        self.r, self.o, self.sh, self.dims, self.native, self.alive = (
+            r,
+            1 - r,
+            sh,
+            dims,
+            native,
+            alive,
+        )
+        d, h, h2 = dims["D"], dims["H"], dims["H2"]
+        self.u = slice(r * h // 2, (r + 1) * h // 2)  # its encoder hidden units
+        self.u2 = slice(r * h2 // 2, (r + 1) * h2 // 2)  # its decoder hidden units
+        self.ou2 = slice(self.o * h2 // 2, (self.o + 1) * h2 // 2)
+        self.px = slice(r * d // 2, (r + 1) * d // 2)  # its output pixels
+        P, M, V = sh.param, sh.m, sh.v
+        u, u2, px = self.u, self.u2, self.px
+        # owned contiguous views (rows) for the fused Adam kernel; Wh's half is strided
+        self.own = {
+            "W1": (P["W1"][u], M["W1"][u], V["W1"][u]), "b1": (P["b1"][u], M["b1"][u], V["b1"][u]),
+            "Wd1": (P["Wd1"][u2], M["Wd1"][u2], V["Wd1"][u2]),
+            "bd1": (P["bd1"][u2], M["bd1"][u2], V["bd1"][u2]),
+            "Wo": (P["Wo"][px], M["Wo"][px], V["Wo"][px]), "bo": (P["bo"][px], M["bo"][px], V["bo"][px]),
+        }  # fmt: skip
+        self.keys = ("W1", "b1", "Wd1", "bd1", "Wo", "bo")
+        self.wh = (P["Wh"][:, u], M["Wh"][:, u], V["Wh"][:, u])
+        self.bh = (P["bh"], M["bh"], V["bh"])
+        self.copies = {k: self.own[k][0].to(torch.bfloat16) for k in self.keys}
+        self.copies["Wh"] = self.wh[0].to(torch.bfloat16).contiguous()
+        self.flags = sh.counters.numpy()
+        self.seq = int(self.flags[r, _BARRIER])
+        self.kernel = None
+        self.step_t = torch.zeros(())
 
-    kernel = None
-    step_t = torch.zeros(())
-    os.write(done_fd, b"r")  # ready: imports done, block attached
-    while True:
-        if not os.read(go_fd, 1):  # the main process has gone
-            return
-        cmd = int(sh.ctl[0])
-        if cmd != 1:
-            return
+    def barrier(self) -> None:
+        """Spin until the other shard has passed the same point (checking it still lives)."""
+        self.seq += 1
+        flags, r, o, seq = self.flags, self.r, self.o, self.seq
+        flags[r, _BARRIER] = seq
+        spins = 0
+        while flags[o, _BARRIER] < seq:
+            spins += 1
+            if spins % 200_000 == 0 and not self.alive():
+                raise RuntimeError(f"train.sharded: shard {o}'s process has gone")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        sh, r, o, c, own, barrier = self.sh, self.r, self.o, self.copies, self.own, self.barrier
+        d, z = self.dims["D"], self.dims["Z"]
         b = int(sh.ctl[1])
         beta, lr, t = float(sh.ctl[2]), float(sh.ctl[3]), float(sh.ctl[4])
         want_norm, wd, adam_eps = sh.ctl[5] > 0, float(sh.ctl[6]), float(sh.ctl[7])
         beta1, beta2 = float(sh.ctl[8]), float(sh.ctl[9])
-        with torch.no_grad():
-            for k in fused_keys:
-                copies[k].copy_(own[k][0])
-            copies["Wh"].copy_(wh[0])
-            xf = sh.x[:b]
-            x = xf.to(torch.bfloat16)
-            eps = sh.eps[:b]
-            hid = torch.addmm(copies["b1"], x, copies["W1"].t()).relu_()
-            sh.heads[r, :b].copy_(hid @ copies["Wh"].t())
-            barrier()
-            heads = sh.heads[0, :b] + sh.heads[1, :b] + P["bh"]
-            mu, logvar = heads[:, :z], heads[:, z:]
-            std = torch.exp(0.5 * logvar)
-            zb = torch.addcmul(mu, std, eps).to(torch.bfloat16)
-            g_own = torch.addmm(copies["bd1"], zb, copies["Wd1"].t()).relu_()
-            sh.g[r, :b].copy_(g_own)
-            barrier()
-            gcat = torch.cat([sh.g[0, :b], sh.g[1, :b]], 1)
-            logits = torch.addmm(copies["bo"], gcat, copies["Wo"].t())
-            xr = xf[:, px].contiguous()
-            kernel = kernel or native.bernoulli_rows_grad_bf16(logits, xr)
-            dlog, log_p = torch.empty_like(logits), torch.empty(b)
-            kernel(logits.data_ptr(), xr.data_ptr(), b, d // 2, log_p.data_ptr(),
-                   dlog.data_ptr(), 1.0 / b)  # fmt: skip
-            grads = {"Wo": dlog.t() @ gcat, "bo": dlog.float().sum(0)}
-            dg_part = dlog @ copies["Wo"]  # (b, h2): this worker's pixels' share of dL/dg
-            ou2 = slice(o * h2 // 2, (o + 1) * h2 // 2)
-            sh.dg[o, :b].copy_(dg_part[:, ou2])
-            barrier()
-            dg = dg_part[:, u2].float() + sh.dg[r, :b].float()
-            dg = torch.ops.aten.threshold_backward(dg.to(torch.bfloat16), g_own, 0)
-            grads["Wd1"], grads["bd1"] = dg.t() @ zb, dg.float().sum(0)
-            sh.dz[r, :b].copy_(dg @ copies["Wd1"])
-            barrier()
-            dz = sh.dz[0, :b] + sh.dz[1, :b]
-            kl_dim = 0.5 * (mu * mu + std * std - 1.0 - logvar)
-            sb = beta / b
-            dmu = dz + sb * mu
-            dlogvar = dz * eps * std * 0.5 + (0.5 * sb) * (std * std - 1.0)
-            dheads = torch.cat([dmu, dlogvar], 1)
-            g_bh = dheads.sum(0)
-            dhb = dheads.to(torch.bfloat16)
-            g_wh = (dhb.t() @ hid).float()
-            dh = torch.ops.aten.threshold_backward(dhb @ copies["Wh"], hid, 0)
-            grads["W1"], grads["b1"] = dh.t() @ x, dh.float().sum(0)
-            gl = [grads[k].float() for k in fused_keys]
-            sh.out[r, 0] = float(log_p.sum())
-            sh.out[r, 1] = float(kl_dim.sum()) if r == 0 else 0.0
-            if want_norm:
-                norm2 = sum(float(g.pow(2).sum()) for g in gl) + float(g_wh.pow(2).sum())
-                sh.out[r, 2] = norm2 + (float(g_bh.pow(2).sum()) if r == 0 else 0.0)
-            # Updating now is safe: the other worker read bh and the shared activations
-            # before the last barrier, and the next step starts only after both are done.
-            step_t.fill_(t)
-            torch._fused_adam_(
-                [own[k][0] for k in fused_keys], gl, [own[k][1] for k in fused_keys],
-                [own[k][2] for k in fused_keys], [], [step_t] * len(gl), amsgrad=False,
-                lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=adam_eps, maximize=False,
-            )  # fmt: skip
-            _adam_(*wh, g_wh, t, lr, beta1, beta2, adam_eps, wd)
-            if r == 0:  # bh: one copy, stepped by worker 0 (both computed the same gradient)
-                _adam_(*bh, g_bh, t, lr, beta1, beta2, adam_eps, wd)
-        os.write(done_fd, b"d")
+        for k in self.keys:
+            c[k].copy_(own[k][0])
+        c["Wh"].copy_(self.wh[0])
+        xf = sh.x[:b]
+        x = xf.to(torch.bfloat16)
+        eps = sh.eps[:b]
+        hid = torch.addmm(c["b1"], x, c["W1"].t()).relu_()
+        sh.heads[r, :b].copy_(hid @ c["Wh"].t())
+        barrier()
+        heads = sh.heads[0, :b] + sh.heads[1, :b] + sh.param["bh"]
+        mu, logvar = heads[:, :z], heads[:, z:]
+        std = torch.exp(0.5 * logvar)
+        zb = torch.addcmul(mu, std, eps).to(torch.bfloat16)
+        g_own = torch.addmm(c["bd1"], zb, c["Wd1"].t()).relu_()
+        sh.g[r, :b].copy_(g_own)
+        barrier()
+        gcat = torch.cat([sh.g[0, :b], sh.g[1, :b]], 1)
+        logits = torch.addmm(c["bo"], gcat, c["Wo"].t())
+        xr = xf[:, self.px].contiguous()
+        self.kernel = self.kernel or self.native.bernoulli_rows_grad_bf16(logits, xr)
+        dlog, log_p = torch.empty_like(logits), torch.empty(b)
+        self.kernel(logits.data_ptr(), xr.data_ptr(), b, d // 2, log_p.data_ptr(),
+                    dlog.data_ptr(), 1.0 / b)  # fmt: skip
+        grads = {"Wo": dlog.t() @ gcat, "bo": dlog.float().sum(0)}
+        dg_part = dlog @ c["Wo"]  # (b, h2): this shard's pixels' share of dL/dg
+        sh.dg[o, :b].copy_(dg_part[:, self.ou2])
+        barrier()
+        dg = dg_part[:, self.u2].float() + sh.dg[r, :b].float()
+        dg = torch.ops.aten.threshold_backward(dg.to(torch.bfloat16), g_own, 0)
+        grads["Wd1"], grads["bd1"] = dg.t() @ zb, dg.float().sum(0)
+        sh.dz[r, :b].copy_(dg @ c["Wd1"])
+        barrier()
+        dz = sh.dz[0, :b] + sh.dz[1, :b]
+        kl_dim = 0.5 * (mu * mu + std * std - 1.0 - logvar)
+        sb = beta / b
+        dmu = dz + sb * mu
+        dlogvar = dz * eps * std * 0.5 + (0.5 * sb) * (std * std - 1.0)
+        dheads = torch.cat([dmu, dlogvar], 1)
+        g_bh = dheads.sum(0)
+        dhb = dheads.to(torch.bfloat16)
+        g_wh = (dhb.t() @ hid).float()
+        dh = torch.ops.aten.threshold_backward(dhb @ c["Wh"], hid, 0)
+        grads["W1"], grads["b1"] = dh.t() @ x, dh.float().sum(0)
+        gl = [grads[k].float() for k in self.keys]
+        sh.out[r, 0] = float(log_p.sum())
+        sh.out[r, 1] = float(kl_dim.sum()) if r == 0 else 0.0
+        if want_norm:
+            norm2 = sum(float(g.pow(2).sum()) for g in gl) + float(g_wh.pow(2).sum())
+            sh.out[r, 2] = norm2 + (float(g_bh.pow(2).sum()) if r == 0 else 0.0)
+        # Updating now is safe: the other shard read bh and the shared activations before the
+        # last barrier, and the next step starts only after both are done.
+        self.step_t.fill_(t)
+        torch._fused_adam_(
+            [own[k][0] for k in self.keys], gl, [own[k][1] for k in self.keys],
+            [own[k][2] for k in self.keys], [], [self.step_t] * len(gl), amsgrad=False,
+            lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=adam_eps, maximize=False,
+        )  # fmt: skip
+        _adam_(*self.wh, g_wh, t, lr, beta1, beta2, adam_eps, wd)
+        if r == 0:  # bh: one copy, stepped by shard 0 (both computed the same gradient)
+            _adam_(*self.bh, g_bh, t, lr, beta1, beta2, adam_eps, wd)
 
 
 class ShardedStep:
-    """Owns the two workers and the shared block; the training model's parameters and its
-    optimizer's Adam state become views of the block until :meth:`close`."""
+    """Runs shard 0 in this process and shard 1 in a worker process; the training model's
+    parameters and its optimizer's Adam state are views of the shared block until
+    :meth:`close`."""
 
     def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, batch_size: int):
+        from vaelab import native
+
         layers = _layers(model)
         if layers is None:
             raise ValueError("train.sharded: the model is not a one-hidden-layer MLP VAE")
@@ -306,31 +355,45 @@ class ShardedStep:
         self.shm = shared_memory.SharedMemory(create=True, size=_Shared.size(self.dims))
         self.sh = _Shared(self.shm.buf, self.dims)
         self.sh.counters.zero_()
+        self.flags = self.sh.counters.numpy()
         self.params = [p for lin in layers for p in (lin.weight, lin.bias)]
         self._point_at_shared()
-        # Workers are fresh interpreters (not multiprocessing's spawn, which would re-run a
-        # user's script without a __main__ guard); pipes wake them and say when they are done.
-        self.go, self.done, self.procs = [], [], []
+        self.closed, self.proc, self.affinity = False, None, None
+        # The worker is a fresh interpreter (not multiprocessing's spawn, which would re-run a
+        # user's script that has no __main__ guard); a pipe wakes it when it sleeps between
+        # epochs, another says it has started.
+        wake_r, self.wake_w = os.pipe()
+        ready_r, ready_w = os.pipe()
         code = "from vaelab.sharded import _worker_main; _worker_main()"
-        for r in (0, 1):
-            go_r, go_w = os.pipe()
-            done_r, done_w = os.pipe()
-            args = [str(r), self.shm.name, json.dumps(self.dims), str(go_r), str(done_w)]
-            proc = subprocess.Popen(
-                [sys.executable, "-c", code, *args], pass_fds=(go_r, done_w), close_fds=True
+        args = [self.shm.name, json.dumps(self.dims), str(wake_r), str(ready_w), str(os.getpid())]
+        try:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-c", code, *args], pass_fds=(wake_r, ready_w), close_fds=True
             )
-            os.close(go_r)
-            os.close(done_w)
-            self.go.append(go_w)
-            self.done.append(done_r)
-            self.procs.append(proc)
-        self.closed = False
-        try:  # wait for both to start (importing torch takes a second or two)
-            for r, fd in enumerate(self.done):
-                self._wait(r, fd)
+        finally:
+            os.close(wake_r)
+            os.close(ready_w)
+        try:
+            self.affinity = os.sched_getaffinity(0)  # shard 0 on the first core, 1 on the second
+            os.sched_setaffinity(0, {sorted(self.affinity)[0]})
+        except OSError:
+            self.affinity = None
+        try:  # wait for it to start (importing torch takes a second or two)
+            ready, _, _ = select.select([ready_r], [], [], _TIMEOUT_S)
+            if not ready or not os.read(ready_r, 1):
+                try:
+                    code = self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    code = None
+                raise RuntimeError(
+                    f"train.sharded: the worker process did not start (exit code {code})"
+                )
         except BaseException:
             self.close()
             raise
+        finally:
+            os.close(ready_r)
+        self.shard = _Shard(0, self.sh, self.dims, native, lambda: self.proc.poll() is None)
 
     def _point_at_shared(self) -> None:
         """Copy the parameters and Adam moments into the block and make them views of it."""
@@ -350,11 +413,6 @@ class ShardedStep:
         if hasattr(self.optimizer, "_lean"):
             self.optimizer._lean = None
 
-    def refresh(self) -> None:
-        """After the parameters or the optimizer's state were replaced (a resume): point them at
-        the block again."""
-        self._point_at_shared()
-
     def __call__(self, x: torch.Tensor, eps: torch.Tensor, beta: float, want_norm: bool):
         """One step on images x (B, C, H, W) and noise eps (1, B, Z): returns (loss, sum of
         log p(x|z), sum of KL, gradient norm or None), loss the batch mean of beta KL - log p."""
@@ -362,7 +420,7 @@ class ShardedStep:
         group = self.optimizer.param_groups[0]
         steps = [self.optimizer.state[p]["step"] for p in self.params]
         torch._foreach_add_(steps, 1)
-        sh = self.sh
+        sh, flags = self.sh, self.flags
         sh.x[:b].copy_(x.reshape(b, -1))
         sh.eps[:b].copy_(eps[0])
         beta1, beta2 = group["betas"]
@@ -370,56 +428,57 @@ class ShardedStep:
             [1, b, float(beta), float(group["lr"]), float(steps[0]), float(want_norm),
              group["weight_decay"], group["eps"], beta1, beta2], dtype=torch.float64,
         )  # fmt: skip
-        for g in self.go:
-            os.write(g, b"g")
-        for r, fd in enumerate(self.done):
-            self._wait(r, fd)
+        code = self.proc.poll()
+        if code is not None:
+            raise RuntimeError(f"train.sharded: shard 1's process has gone (exit code {code})")
+        go = int(flags[0, _GO]) + 1
+        flags[0, _GO] = go
+        if flags[1, _SLEEPING]:
+            try:
+                os.write(self.wake_w, b"g")
+            except BrokenPipeError:
+                raise RuntimeError("train.sharded: shard 1's process has gone") from None
+        self.shard.step()
+        spins = 0
+        while flags[1, _DONE] < go:  # the worker ends its Adam step about when this one does
+            spins += 1
+            if spins % 200_000 == 0 and self.proc.poll() is not None:
+                raise RuntimeError(f"train.sharded: worker exited with code {self.proc.poll()}")
         log_p = float(sh.out[0, 0] + sh.out[1, 0])
         kl = float(sh.out[0, 1])
         loss = (beta * kl - log_p) / b
         norm = math.sqrt(float(sh.out[0, 2] + sh.out[1, 2])) if want_norm else None
         return loss, log_p, kl, norm
 
-    def _wait(self, r: int, fd: int) -> None:
-        """Block until worker r says it is done (checking every second that it lives)."""
-        waited = 0.0
-        while True:
-            ready, _, _ = select.select([fd], [], [], 1.0)
-            if ready and os.read(fd, 1):
-                return
-            code = self.procs[r].poll()
-            waited += 1.0
-            if code is not None or waited > _TIMEOUT_S:
-                why = f"exited with code {code}" if code is not None else "stopped answering"
-                raise RuntimeError(f"train.sharded: worker {r} {why} during a training step")
-
     def close(self) -> None:
-        """Stop the workers and give the model and optimizer private copies of their values."""
+        """Stop the worker and give the model and optimizer private copies of their values."""
         if self.closed:
             return
         self.closed = True
-        self.sh.ctl[0] = 2.0
-        for g in self.go:
+        if self.proc is not None:
+            self.sh.ctl[0] = 2.0
+            self.flags[0, _GO] += 1
             try:
-                os.write(g, b"s")
+                os.write(self.wake_w, b"s")
             except OSError:
                 pass
-        for p in self.procs:
             try:
-                p.wait(timeout=10)
+                self.proc.wait(timeout=10)
             except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
-        for fd in self.go + self.done:
-            os.close(fd)
+                self.proc.kill()
+                self.proc.wait()
+            os.close(self.wake_w)
+        if self.affinity is not None:
+            os.sched_setaffinity(0, self.affinity)
         state = self.optimizer.state
-        for name, p in zip(NAMES, self.params):
+        for p in self.params:
             p.data = p.data.clone()
             st = state.get(p, {})
             if "exp_avg" in st:
                 st["exp_avg"], st["exp_avg_sq"] = st["exp_avg"].clone(), st["exp_avg_sq"].clone()
         if hasattr(self.optimizer, "_lean"):
             self.optimizer._lean = None
-        del self.sh
+        self.shard = None
+        del self.sh, self.flags
         self.shm.close()
         self.shm.unlink()

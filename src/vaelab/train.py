@@ -433,7 +433,7 @@ class _Loop:
                 why = "it does not combine with distributed training"
             if why is None:
                 self.shard = True
-                self.precision += ", layers split over 2 pinned worker processes"
+                self.precision += ", each layer split over 2 pinned processes (train.sharded)"
             else:
                 warnings.warn(f"train.sharded: {why}; training in this process", stacklevel=3)
         # train.compile: the whole objective (networks, likelihood, KL, loss) as one graph for
