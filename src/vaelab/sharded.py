@@ -39,6 +39,7 @@ import signal
 import subprocess
 import sys
 from multiprocessing import shared_memory
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -362,14 +363,25 @@ class ShardedStep:
         # The worker is a fresh interpreter (not multiprocessing's spawn, which would re-run a
         # user's script that has no __main__ guard); a pipe wakes it when it sleeps between
         # epochs, another says it has started.
+        self.wake_w = None
         wake_r, self.wake_w = os.pipe()
         ready_r, ready_w = os.pipe()
         code = "from vaelab.sharded import _worker_main; _worker_main()"
         args = [self.shm.name, json.dumps(self.dims), str(wake_r), str(ready_w), str(os.getpid())]
+        env = dict(os.environ)  # the worker imports this vaelab, however this process found it
+        here = str(Path(__file__).resolve().parents[1])
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [here, env.get("PYTHONPATH")]))
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, "-c", code, *args], pass_fds=(wake_r, ready_w), close_fds=True
+                [sys.executable, "-c", code, *args],
+                pass_fds=(wake_r, ready_w),
+                close_fds=True,
+                env=env,
             )
+        except BaseException:
+            os.close(ready_r)
+            self.close()
+            raise
         finally:
             os.close(wake_r)
             os.close(ready_w)
@@ -467,6 +479,7 @@ class ShardedStep:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
+        if self.wake_w is not None:
             os.close(self.wake_w)
         if self.affinity is not None:
             os.sched_setaffinity(0, self.affinity)
