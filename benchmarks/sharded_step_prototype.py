@@ -1,5 +1,6 @@
-"""Prototype (not used by vaelab): the MLP VAE step split by layer halves across two
-single-thread worker processes, timed against vaelab's fused two-thread step in one run.
+"""Prototype of :mod:`vaelab.sharded` (``train.sharded``): the MLP VAE step split by layer
+halves across two single-thread worker processes, timed against vaelab's fused two-thread step
+in one run (the built version runs one half in the training process itself).
 
 Why (docs/benchmarks.md, seventh session): on the 2-core VM the two cores sometimes sit far
 apart (a cache line written by one core and read by the other takes ~330 ns instead of ~85),
