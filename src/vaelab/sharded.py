@@ -105,10 +105,7 @@ def why_not_sharded(model: nn.Module, cfg, device: torch.device, bf16_fused: boo
         return "it covers one ReLU hidden layer in the encoder and in the decoder"
     if any(lin.out_features % 2 for lin in (layers[0], layers[2], layers[3])):
         return "the hidden widths and the number of pixels must be even"
-    if (
-        native.bernoulli_rows_grad_bf16(torch.zeros(1, 2, dtype=torch.bfloat16), torch.zeros(1, 2))
-        is None
-    ):
+    if native.load("bernoulli") is None:
         return f"the C Bernoulli kernel is unavailable ({native.why_not('bernoulli')})"
     return None
 
@@ -349,7 +346,7 @@ class ShardedStep:
         layers = _layers(model)
         if layers is None:
             raise ValueError("train.sharded: the model is not a one-hidden-layer MLP VAE")
-        self.model, self.optimizer, self.layers = model, optimizer, layers
+        self.optimizer = optimizer
         d, h = layers[0].in_features, layers[0].out_features
         z, h2 = layers[2].in_features, layers[2].out_features
         self.dims = {"B": batch_size, "D": d, "H": h, "Z": z, "H2": h2}
