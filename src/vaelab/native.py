@@ -196,6 +196,74 @@ def linear_relu(*tensors):
     )
 
 
+class SparseFirstLayer:
+    """The kernels of ``csrc/sparse.c``: a first Linear + ReLU layer whose input is mostly zeros,
+    in bfloat16 products with float32 sums (AVX512-BF16). Work is shared by ``threads`` threads
+    of the process's OpenMP pool (torch's own). Arguments are tensors, checked by the caller
+    (contiguous, on the CPU, of the dtypes named)."""
+
+    def __init__(self, lib: ctypes.CDLL) -> None:
+        from vaelab.cpu import _openmp_library
+
+        self._lib = lib
+        omp = _openmp_library()
+        if omp is not None and hasattr(omp, "omp_get_thread_num"):
+            lib.vaelab_sparse_set_pool(
+                ctypes.cast(omp.GOMP_parallel, ctypes.c_void_p),
+                ctypes.cast(omp.omp_get_thread_num, ctypes.c_void_p),
+            )
+        for fn, args in (
+            ("vaelab_pairs_bf16", [_PTR, _I64, _I64, _PTR, _I64]),
+            ("vaelab_sparse_linear_relu", [_PTR, _I64, _I64, _PTR, _PTR, _I64, _PTR, _I64]),
+            ("vaelab_sparse_weight_grad", [_PTR, _I64, _I64, _PTR, _I64, _PTR, _PTR, _I64]),
+        ):
+            getattr(lib, fn).argtypes = args
+
+    @staticmethod
+    def fits(in_features: int, out_features: int) -> bool:
+        """Whether a layer of these sizes is covered (both multiples of 16)."""
+        return in_features % 16 == 0 and out_features % 16 == 0
+
+    def pairs(self, weight, out, threads: int) -> None:
+        """``out`` (K/2, H) int32 := the float32 weight (H, K) rounded to bfloat16 and
+        transposed in pairs: out[p, u] holds weight[u, 2p] (low half) and weight[u, 2p+1]."""
+        h, k = weight.shape
+        self._lib.vaelab_pairs_bf16(weight.data_ptr(), h, k, out.data_ptr(), threads)
+
+    def forward(self, x, pairs, bias, out, threads: int) -> None:
+        """``out`` (B, H) bfloat16 := relu(bias + x W^T) for float32 x (B, K), summing only
+        the pairs of inputs that are not both 0 (x rounded to bfloat16, float32 sums)."""
+        b, k = x.shape
+        self._lib.vaelab_sparse_linear_relu(
+            x.data_ptr(), b, k, pairs.data_ptr(), bias.data_ptr(), out.shape[1],
+            out.data_ptr(), threads,
+        )  # fmt: skip
+
+    def weight_grad(self, x, dh, out, scratch, threads: int) -> None:
+        """``out`` (H, K) float32 := dh^T x for bfloat16 dh (B, H) and float32 x (B, K)
+        (rounded to bfloat16), over the inputs that are not 0; ``scratch``: int32,
+        ceil(B/2) * H elements."""
+        b, k = x.shape
+        self._lib.vaelab_sparse_weight_grad(
+            x.data_ptr(), b, k, dh.data_ptr(), dh.shape[1], out.data_ptr(),
+            scratch.data_ptr(), threads,
+        )  # fmt: skip
+
+
+_sparse: list = []
+
+
+def sparse_first_layer() -> SparseFirstLayer | None:
+    """:class:`SparseFirstLayer` where ``csrc/sparse.c`` compiles with AVX512-BF16, else None."""
+    if not _sparse:
+        lib = load("sparse")
+        ok = lib is not None and bool(lib.vaelab_sparse_available())
+        if lib is not None and not ok:
+            _why_not["sparse"] = "the CPU (or the compiler) has no AVX512-BF16"
+        _sparse.append(SparseFirstLayer(lib) if ok else None)
+    return _sparse[0]
+
+
 def why_not(name: str) -> str | None:
     """Why :func:`load` returned ``None`` for ``name`` (``None`` if it loaded or was not tried)."""
     return _why_not.get(name)
@@ -207,3 +275,4 @@ def _reset() -> None:
         _loaded.clear()
         _why_not.clear()
         _functions.clear()
+        _sparse.clear()
