@@ -34,6 +34,7 @@ def test_kernels_match_the_dense_bf16_products(rows, k, h):
     w, b = torch.randn(h, k, generator=g) * 0.1, torch.randn(h, generator=g) * 0.1
     x = _sparse((rows, k), 0.2, seed=k)
     x[0] = 0.0  # a row with no input at all: relu(b)
+    assert KERNELS.count_nonzero(x) == int(torch.count_nonzero(x))
     pairs = torch.empty(k // 2, h, dtype=torch.int32)
     KERNELS.pairs(w, pairs, 1)
     # pairs[p, u] holds w[u, 2p] (low half) and w[u, 2p + 1] (high half), rounded to bf16

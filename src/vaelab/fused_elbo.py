@@ -164,7 +164,7 @@ class FusedElbo:
             return False
         if not xf.is_contiguous() or xf.shape[1] != self.params[0].shape[1]:
             return False
-        return int(torch.count_nonzero(xf)) <= SPARSE_MAX_DENSITY * xf.numel()
+        return self.sparse.count_nonzero(xf) <= SPARSE_MAX_DENSITY * xf.numel()
 
     def refresh_copies(self) -> list[torch.Tensor]:
         """The weights rounded to bfloat16 now (in the same buffers each time); on a sparse
