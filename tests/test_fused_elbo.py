@@ -245,3 +245,32 @@ def test_bf16_gradient_of_a_scaled_loss():
     three = _grads(model, 3.0 * low(x, eps).loss)
     for a, b in zip(one, three):  # the same up to bf16 rounding of the scaled products
         assert float((b - 3.0 * a).norm() / (3.0 * a).norm()) < 0.02
+
+
+@pytest.mark.parametrize("batch", [24, 1])
+def test_bf16_gaussian_kernel_gives_the_torch_formulas_numbers(monkeypatch, batch):
+    """csrc/gaussian.c (one sample, bf16): mu, sigma, z, KL and the head's gradient as the
+    ~20 tensor operations it replaces compute them."""
+    from vaelab import native
+
+    if native.load("gaussian") is None:
+        pytest.skip(f"no C kernels here ({native.why_not('gaussian')})")
+    model, x, _, _ = _bf16_setup(seed=11)
+    obj = ObjectiveConfig()
+    x = x[:batch]
+    eps = torch.randn(1, batch, 4, generator=torch.Generator().manual_seed(12)) * 2
+    low = fused_elbo_for(model, obj, torch.bfloat16)
+    used, kernel = [], native.gaussian_sample
+    monkeypatch.setattr(native, "gaussian_sample", lambda *a: used.append(kernel(*a)) or used[-1])
+    out = low(x, eps, 0.3)
+    got = _grads(model, out.loss)
+    assert used and used[0] is not None  # the kernel ran
+    monkeypatch.setattr(native, "gaussian_sample", lambda *a: None)  # the torch operations
+    ref = low(x, eps, 0.3)
+    want = _grads(model, ref.loss)
+    for name in ("loss", "elbo", "log_px_z", "kl", "kl_per_dim"):
+        torch.testing.assert_close(getattr(out, name), getattr(ref, name), rtol=1e-5, atol=1e-5)
+    for (name, _), a, b in zip(model.named_parameters(), got, want):
+        # the same float32 arithmetic, rounded to bf16 the same way: equal but for the odd
+        # value on a rounding boundary (expf against torch.exp differ in the last bit)
+        assert float((a - b).norm()) <= 1e-3 * float(b.norm()) + 1e-6, name

@@ -227,12 +227,24 @@ class _FusedElboFunction(torch.autograd.Function):
             h = torch.addmm(biases[i], h, weights[i].t())
             if acts[i] is not None:
                 h = _act_forward(acts[i], h)
-        if lowp:
-            h = h.float()
-        mu, logvar = h[:, :zdim], h[:, zdim:]
-        std = torch.exp(0.5 * logvar)
-        z = torch.addcmul(mu, std, eps).view(n_samples * b, zdim)  # (L*B, Z), sample-major
-        g, dec_in = (z.to(cdtype) if lowp else z), []
+        # bf16, one sample: mu, sigma, z, the KL in one C pass (csrc/gaussian.c)
+        gauss = None
+        if lowp and n_samples == 1 and eps.is_contiguous():
+            gauss = native.gaussian_sample(h, eps)
+        if gauss is not None:
+            mu, std = torch.empty(b, zdim), torch.empty(b, zdim)
+            kl_per_dim, kl = torch.empty(b, zdim), torch.empty(b)
+            g = torch.empty(b, zdim, dtype=cdtype)
+            gauss(h.data_ptr(), eps.data_ptr(), b, zdim, mu.data_ptr(), std.data_ptr(),
+                  kl_per_dim.data_ptr(), kl.data_ptr(), g.data_ptr())  # fmt: skip
+            var, dec_in = std, []  # var: not needed by the kernel's backward
+        else:
+            if lowp:
+                h = h.float()
+            mu, logvar = h[:, :zdim], h[:, zdim:]
+            std = torch.exp(0.5 * logvar)
+            z = torch.addcmul(mu, std, eps).view(n_samples * b, zdim)  # (L*B, Z), sample-major
+            g, dec_in = (z.to(cdtype) if lowp else z), []
         for i in range(n_enc, len(weights)):
             dec_in.append(g)
             g = torch.addmm(biases[i], g, weights[i].t())
@@ -264,13 +276,14 @@ class _FusedElboFunction(torch.autograd.Function):
             bce = F.binary_cross_entropy_with_logits(logits, target, reduction="none")
             log_p, dlogits = -bce.sum(-1), None
         log_px_z = log_p.mean(0) if n_samples > 1 else log_p[0]
-        var = std * std
-        kl_per_dim = 0.5 * (mu * mu + var - 1.0 - logvar)
-        kl = kl_per_dim.sum(-1)
+        if gauss is None:
+            var = std * std
+            kl_per_dim = 0.5 * (mu * mu + var - 1.0 - logvar)
+            kl = kl_per_dim.sum(-1)
         elbo = log_px_z - kl
         loss = (beta * kl - log_px_z).mean()
         ctx.acts, ctx.n_enc, ctx.lowp = acts, n_enc, lowp
-        ctx.sparse, ctx.owner = sparse, owner
+        ctx.sparse, ctx.owner, ctx.gauss = sparse, owner, gauss is not None
         ctx.kernel_grad, ctx.prescaled = dlogits is not None, prescaled
         saved_l = dlogits if dlogits is not None else logits
         ctx.save_for_backward(xf, eps, beta, mu, std, var, saved_l, *enc_in, h, *dec_in, *params)
@@ -311,16 +324,24 @@ class _FusedElboFunction(torch.autograd.Function):
             grads[2 * i] = dy.t() @ dec_in[j]
             grads[2 * i + 1] = dy.sum(0)
             dy = dy @ weights[i]
-        dz = dy.view(n_samples, b, zdim)
-        if lowp:
-            dz = dz.float()
         sb = scale * beta
-        dmu = (dz.sum(0) if n_samples > 1 else dz[0]) + sb * mu
-        dz_eps = (dz * eps).sum(0) if n_samples > 1 else dz[0] * eps[0]
-        dlogvar = dz_eps.mul_(std).mul_(0.5).add_((0.5 * sb) * (var - 1.0))
-        dy = torch.cat([dmu, dlogvar], 1)
-        if lowp:
-            dy = dy.to(cdtype)
+        grad_head = native.gaussian_sample_grad() if ctx.gauss else None
+        if grad_head is not None:  # the forward's C pass, backwards
+            dz, dy = dy.contiguous(), torch.empty(b, 2 * zdim, dtype=cdtype)
+            grad_head(dz.data_ptr(), eps.data_ptr(), mu.data_ptr(), std.data_ptr(), b, zdim,
+                      float(sb), dy.data_ptr())  # fmt: skip
+        else:
+            dz = dy.view(n_samples, b, zdim)
+            if lowp:
+                dz = dz.float()
+            if ctx.gauss:  # var was not kept
+                var = std * std
+            dmu = (dz.sum(0) if n_samples > 1 else dz[0]) + sb * mu
+            dz_eps = (dz * eps).sum(0) if n_samples > 1 else dz[0] * eps[0]
+            dlogvar = dz_eps.mul_(std).mul_(0.5).add_((0.5 * sb) * (var - 1.0))
+            dy = torch.cat([dmu, dlogvar], 1)
+            if lowp:
+                dy = dy.to(cdtype)
         enc_out = list(enc_in[1:]) + [head]
         for i in reversed(range(n_enc)):
             if acts[i] is not None:

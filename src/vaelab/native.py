@@ -183,6 +183,34 @@ def bernoulli_rows_grad_bf16(logits, x):
     )
 
 
+def gaussian_sample(head, eps):
+    """``vaelab_gaussian_sample(head, eps, b, z, mu, sigma, kl_dim, kl, z_bf16)`` of
+    ``csrc/gaussian.c`` (a diagonal Gaussian's one sample and KL from a bf16 head) if it applies
+    (contiguous CPU tensors: ``head`` (B, 2Z) bfloat16, ``eps`` (B, Z) float32), else None."""
+    if not (
+        _cpu_float32(eps)
+        and head.device.type == "cpu"
+        and head.dtype == torch.bfloat16
+        and head.is_contiguous()
+    ):
+        return None
+    return function(
+        "gaussian",
+        "vaelab_gaussian_sample",
+        [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
+    )
+
+
+def gaussian_sample_grad():
+    """``vaelab_gaussian_sample_grad(dz, eps, mu, sigma, b, z, sb, dhead)`` of
+    ``csrc/gaussian.c`` (the head's bf16 gradient), or None when unavailable."""
+    return function(
+        "gaussian",
+        "vaelab_gaussian_sample_grad",
+        [_PTR, _PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, _PTR],
+    )
+
+
 def linear_relu(*tensors):
     """``vaelab_linear_relu(z, zs, rows, wt, bias, k_in, h_out, h, v, per, dot)`` of
     ``csrc/mlp.c`` (an MLP decoder's first layer + ReLU, optionally dotted with a per-group
