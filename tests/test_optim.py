@@ -85,3 +85,23 @@ def test_missing_gradient_and_closure_take_the_general_step():
 
     _grads(pb, 9)
     assert ob.step(closure).item() == 1.5
+
+
+def test_lean_zero_grad_and_shared_step_counters():
+    params = _params()
+    opt = FusedAdam(params, lr=1e-2)
+    for step in range(4):
+        _grads(params, step)
+        opt.step()
+        opt.zero_grad()
+        assert all(p.grad is None for p in params)
+    steps = [opt.state[p]["step"] for p in params]
+    assert opt._lean and all(float(s) == 4.0 and s.dim() == 0 for s in steps)
+    # one tensor holds the counts: a save and load keeps them apart and exact
+    buf = io.BytesIO()
+    torch.save(opt.state_dict(), buf)
+    buf.seek(0)
+    other = FusedAdam(_params(), lr=1e-2)
+    other.load_state_dict(torch.load(buf, weights_only=True))
+    assert [float(other.state[p]["step"]) for p in other.param_groups[0]["params"]] == [4.0] * 4
+    opt.zero_grad(set_to_none=False)  # the general path: nothing to zero, no error
