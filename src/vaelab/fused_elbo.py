@@ -177,10 +177,9 @@ class FusedElbo:
         step the first layer's weight goes to :attr:`pairs` instead of its copy."""
         if not self.copies:
             self.copies = [p.detach().to(self.compute_dtype) for p in self.params]
-        else:
-            for i, (c, p) in enumerate(zip(self.copies, self.params)):
-                if i or not self.sparse_now:
-                    c.copy_(p.detach())
+        else:  # one foreach call: ~5 us a tensor less than a copy_ each
+            first = 1 if self.sparse_now else 0
+            torch._foreach_copy_(self.copies[first:], [p.detach() for p in self.params[first:]])
         if self.sparse_now:
             w = self.params[0].detach()
             if self.pairs is None:
