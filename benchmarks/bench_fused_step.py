@@ -66,12 +66,12 @@ def layer_part(images: torch.Tensor, threads: int) -> None:
     print(f"{'input':>12} {'non-zero':>8} {'sparse us':>10} {'dense us':>9} {'ratio':>6}")
     for name, x in inputs:
 
-        def sparse():
+        def sparse(x=x):
             kernels.pairs(w, pairs, threads)
             kernels.forward(x, pairs, b, out, threads)
             kernels.weight_grad(x, dh, grad, scratch, threads)
 
-        def dense():
+        def dense(x=x):
             wb.copy_(w)
             xb = x.to(torch.bfloat16)
             torch.addmm(bb, xb, wb.t()).relu_()
