@@ -168,7 +168,8 @@ class FusedElbo:
         :data:`SPARSE_MAX_DENSITY` of its inputs not 0."""
         if self.sparse is None or xf.device.type != "cpu" or xf.dtype != torch.float32:
             return False
-        if not xf.is_contiguous() or xf.shape[1] != self.params[0].shape[1]:
+        w = self.params[0]
+        if not (xf.is_contiguous() and w.is_contiguous()) or xf.shape[1] != w.shape[1]:
             return False
         return self.sparse.count_nonzero(xf) <= SPARSE_MAX_DENSITY * xf.numel()
 
