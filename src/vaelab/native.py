@@ -140,10 +140,12 @@ def function(name: str, symbol: str, argtypes: list, restype=None):
     return fn
 
 
-def _cpu_float32(*tensors) -> bool:
-    return all(
-        t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors
-    )
+def _cpu_float32(*tensors, dtype=torch.float32) -> bool:
+    return all(t.device.type == "cpu" and t.dtype == dtype and t.is_contiguous() for t in tensors)
+
+
+def _cpu_bf16(*tensors) -> bool:
+    return _cpu_float32(*tensors, dtype=torch.bfloat16)
 
 
 _PTR, _I64 = ctypes.c_void_p, ctypes.c_int64
@@ -169,12 +171,7 @@ def bernoulli_rows_grad_bf16(logits, x):
     """``vaelab_bernoulli_rows_grad_bf16(logits, x, rows, d, log_p, grad, scale)`` of
     ``csrc/bernoulli.c`` (bfloat16 logits in, float32 log p(x|z) and bfloat16 scaled gradient
     out) if it applies (contiguous CPU tensors: ``logits`` bfloat16, ``x`` float32), else None."""
-    if not (
-        _cpu_float32(x)
-        and logits.device.type == "cpu"
-        and logits.dtype == torch.bfloat16
-        and logits.is_contiguous()
-    ):
+    if not (_cpu_float32(x) and _cpu_bf16(logits)):
         return None
     return function(
         "bernoulli",
@@ -187,12 +184,7 @@ def gaussian_sample(head, eps):
     """``vaelab_gaussian_sample(head, eps, b, z, mu, sigma, kl_dim, kl, z_bf16)`` of
     ``csrc/gaussian.c`` (a diagonal Gaussian's one sample and KL from a bf16 head) if it applies
     (contiguous CPU tensors: ``head`` (B, 2Z) bfloat16, ``eps`` (B, Z) float32), else None."""
-    if not (
-        _cpu_float32(eps)
-        and head.device.type == "cpu"
-        and head.dtype == torch.bfloat16
-        and head.is_contiguous()
-    ):
+    if not (_cpu_float32(eps) and _cpu_bf16(head)):
         return None
     return function(
         "gaussian",
