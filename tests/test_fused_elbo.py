@@ -248,9 +248,10 @@ def test_bf16_gradient_of_a_scaled_loss():
 
 
 @pytest.mark.parametrize("batch", [24, 1])
-def test_bf16_gaussian_kernel_gives_the_torch_formulas_numbers(monkeypatch, batch):
-    """csrc/gaussian.c (one sample, bf16): mu, sigma, z, KL and the head's gradient as the
-    ~20 tensor operations it replaces compute them."""
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gaussian_kernel_gives_the_torch_formulas_numbers(monkeypatch, batch, dtype):
+    """csrc/gaussian.c (one sample, bf16 or float32 step): mu, sigma, z, KL and the head's
+    gradient as the ~20 tensor operations it replaces compute them."""
     from vaelab import native
 
     if native.load("gaussian") is None:
@@ -259,7 +260,7 @@ def test_bf16_gaussian_kernel_gives_the_torch_formulas_numbers(monkeypatch, batc
     obj = ObjectiveConfig()
     x = x[:batch]
     eps = torch.randn(1, batch, 4, generator=torch.Generator().manual_seed(12)) * 2
-    low = fused_elbo_for(model, obj, torch.bfloat16)
+    low = fused_elbo_for(model, obj, dtype)
     used, kernel = [], native.gaussian_sample
     monkeypatch.setattr(native, "gaussian_sample", lambda *a: used.append(kernel(*a)) or used[-1])
     out = low(x, eps, 0.3)

@@ -227,9 +227,9 @@ class _FusedElboFunction(torch.autograd.Function):
             h = torch.addmm(biases[i], h, weights[i].t())
             if acts[i] is not None:
                 h = _act_forward(acts[i], h)
-        # bf16, one sample: mu, sigma, z, the KL in one C pass (csrc/gaussian.c)
+        # one sample: mu, sigma, z, the KL in one C pass (csrc/gaussian.c)
         gauss = None
-        if lowp and n_samples == 1 and eps.is_contiguous():
+        if n_samples == 1 and eps.is_contiguous() and h.is_contiguous():
             gauss = native.gaussian_sample(h, eps)
         if gauss is not None:
             mu, std = torch.empty(b, zdim), torch.empty(b, zdim)
@@ -325,7 +325,7 @@ class _FusedElboFunction(torch.autograd.Function):
             grads[2 * i + 1] = dy.sum(0)
             dy = dy @ weights[i]
         sb = scale * beta
-        grad_head = native.gaussian_sample_grad() if ctx.gauss else None
+        grad_head = native.gaussian_sample_grad(cdtype) if ctx.gauss else None
         if grad_head is not None:  # the forward's C pass, backwards
             dz, dy = dy.contiguous(), torch.empty(b, 2 * zdim, dtype=cdtype)
             grad_head(dz.data_ptr(), eps.data_ptr(), mu.data_ptr(), std.data_ptr(), b, zdim,

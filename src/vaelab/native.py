@@ -181,24 +181,29 @@ def bernoulli_rows_grad_bf16(logits, x):
 
 
 def gaussian_sample(head, eps):
-    """``vaelab_gaussian_sample(head, eps, b, z, mu, sigma, kl_dim, kl, z_bf16)`` of
-    ``csrc/gaussian.c`` (a diagonal Gaussian's one sample and KL from a bf16 head) if it applies
-    (contiguous CPU tensors: ``head`` (B, 2Z) bfloat16, ``eps`` (B, Z) float32), else None."""
-    if not (_cpu_float32(eps) and _cpu_bf16(head)):
+    """``vaelab_gaussian_sample[_f32](head, eps, b, z, mu, sigma, kl_dim, kl, z_out)`` of
+    ``csrc/gaussian.c`` (a diagonal Gaussian's one sample and KL; ``z_out`` in ``head``'s dtype)
+    if it applies (contiguous CPU tensors: ``head`` (B, 2Z) bfloat16 or float32, ``eps`` (B, Z)
+    float32), else None."""
+    if not _cpu_float32(eps):
+        return None
+    suffix = "" if _cpu_bf16(head) else "_f32" if _cpu_float32(head) else None
+    if suffix is None:
         return None
     return function(
         "gaussian",
-        "vaelab_gaussian_sample",
+        "vaelab_gaussian_sample" + suffix,
         [_PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR],
     )
 
 
-def gaussian_sample_grad():
-    """``vaelab_gaussian_sample_grad(dz, eps, mu, sigma, b, z, sb, dhead)`` of
-    ``csrc/gaussian.c`` (the head's bf16 gradient), or None when unavailable."""
+def gaussian_sample_grad(dtype: torch.dtype = torch.bfloat16):
+    """``vaelab_gaussian_sample_grad[_f32](dz, eps, mu, sigma, b, z, sb, dhead)`` of
+    ``csrc/gaussian.c`` (the head's gradient; ``dz`` and ``dhead`` of ``dtype``, bfloat16 or
+    float32), or None when unavailable."""
     return function(
         "gaussian",
-        "vaelab_gaussian_sample_grad",
+        "vaelab_gaussian_sample_grad" + ("" if dtype == torch.bfloat16 else "_f32"),
         [_PTR, _PTR, _PTR, _PTR, _I64, _I64, ctypes.c_float, _PTR],
     )
 

@@ -14,7 +14,8 @@
  *     d mu = dz + sb mu,   d logvar = dz eps sigma / 2 + sb (sigma^2 - 1) / 2
  *
  * written side by side as the head's gradient (B x 2Z bfloat16, rounded to nearest even).
- * Compiled with -ffast-math (vectorised expf from glibc's libmvec), linked without it.
+ * The *_f32 variants do the same for the float32 step (head, z, dz and the head's gradient
+ * float32). Compiled with -ffast-math (vectorised expf from glibc's libmvec), linked without it.
  */
 #include <math.h>
 #include <stdint.h>
@@ -66,6 +67,41 @@ void vaelab_gaussian_sample_grad(const uint16_t *restrict dz, const float *restr
       const float g = widen(dz[at + i]), s = sigma[at + i];
       dm[i] = narrow(g + sb * mu[at + i]);
       dv[i] = narrow(0.5f * g * eps[at + i] * s + 0.5f * sb * (s * s - 1.f));
+    }
+  }
+}
+
+void vaelab_gaussian_sample_f32(const float *restrict head, const float *restrict eps, int64_t b,
+                                int64_t z, float *restrict mu, float *restrict sigma,
+                                float *restrict kl_dim, float *restrict kl, float *restrict zs) {
+  for (int64_t r = 0; r < b; ++r) {
+    const float *hm = head + r * 2 * z, *hv = hm + z;
+    const int64_t at = r * z;
+    float sum = 0.f;
+    for (int64_t i = 0; i < z; ++i) {
+      const float m = hm[i], lv = hv[i];
+      const float s = expf(0.5f * lv);
+      const float k = 0.5f * (m * m + s * s - 1.f - lv);
+      mu[at + i] = m;
+      sigma[at + i] = s;
+      kl_dim[at + i] = k;
+      zs[at + i] = m + s * eps[at + i];
+      sum += k;
+    }
+    kl[r] = sum;
+  }
+}
+
+void vaelab_gaussian_sample_grad_f32(const float *restrict dz, const float *restrict eps,
+                                     const float *restrict mu, const float *restrict sigma,
+                                     int64_t b, int64_t z, float sb, float *restrict dhead) {
+  for (int64_t r = 0; r < b; ++r) {
+    const int64_t at = r * z;
+    float *dm = dhead + r * 2 * z, *dv = dm + z;
+    for (int64_t i = 0; i < z; ++i) {
+      const float g = dz[at + i], s = sigma[at + i];
+      dm[i] = g + sb * mu[at + i];
+      dv[i] = 0.5f * g * eps[at + i] * s + 0.5f * sb * (s * s - 1.f);
     }
   }
 }
