@@ -36,72 +36,69 @@ static inline uint16_t narrow(float f) {
   return (uint16_t)((((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x400000u) : rounded) >> 16);
 }
 
-void vaelab_gaussian_sample(const uint16_t *restrict head, const float *restrict eps, int64_t b,
-                            int64_t z, float *restrict mu, float *restrict sigma,
-                            float *restrict kl_dim, float *restrict kl, uint16_t *restrict zs) {
+/* Elements of bfloat16 (bf16 = 1) or float32 arrays; inlined with a constant flag, so each
+ * exported function below is compiled for its own dtype. */
+static inline __attribute__((always_inline)) float load(const void *p, int64_t i, int bf16) {
+  return bf16 ? widen(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline __attribute__((always_inline)) void store(void *p, int64_t i, float v, int bf16) {
+  if (bf16)
+    ((uint16_t *)p)[i] = narrow(v);
+  else
+    ((float *)p)[i] = v;
+}
+
+static inline __attribute__((always_inline)) void sample(const void *head, const float *restrict eps,
+                                                         int64_t b, int64_t z, float *restrict mu,
+                                                         float *restrict sigma, float *restrict kl_dim,
+                                                         float *restrict kl, void *zs, int bf16) {
   for (int64_t r = 0; r < b; ++r) {
-    const uint16_t *hm = head + r * 2 * z, *hv = hm + z;
-    const int64_t at = r * z;
+    const int64_t at = r * z, hm = r * 2 * z, hv = hm + z;
     float sum = 0.f;
     for (int64_t i = 0; i < z; ++i) {
-      const float m = widen(hm[i]), lv = widen(hv[i]);
+      const float m = load(head, hm + i, bf16), lv = load(head, hv + i, bf16);
       const float s = expf(0.5f * lv);
       const float k = 0.5f * (m * m + s * s - 1.f - lv);
       mu[at + i] = m;
       sigma[at + i] = s;
       kl_dim[at + i] = k;
-      zs[at + i] = narrow(m + s * eps[at + i]);
+      store(zs, at + i, m + s * eps[at + i], bf16);
       sum += k;
     }
     kl[r] = sum;
   }
 }
 
-void vaelab_gaussian_sample_grad(const uint16_t *restrict dz, const float *restrict eps,
-                                 const float *restrict mu, const float *restrict sigma,
-                                 int64_t b, int64_t z, float sb, uint16_t *restrict dhead) {
+static inline __attribute__((always_inline)) void sample_grad(const void *dz, const float *restrict eps,
+                                                              const float *restrict mu,
+                                                              const float *restrict sigma, int64_t b,
+                                                              int64_t z, float sb, void *dhead, int bf16) {
   for (int64_t r = 0; r < b; ++r) {
-    const int64_t at = r * z;
-    uint16_t *dm = dhead + r * 2 * z, *dv = dm + z;
+    const int64_t at = r * z, dm = r * 2 * z, dv = dm + z;
     for (int64_t i = 0; i < z; ++i) {
-      const float g = widen(dz[at + i]), s = sigma[at + i];
-      dm[i] = narrow(g + sb * mu[at + i]);
-      dv[i] = narrow(0.5f * g * eps[at + i] * s + 0.5f * sb * (s * s - 1.f));
+      const float g = load(dz, at + i, bf16), s = sigma[at + i];
+      store(dhead, dm + i, g + sb * mu[at + i], bf16);
+      store(dhead, dv + i, 0.5f * g * eps[at + i] * s + 0.5f * sb * (s * s - 1.f), bf16);
     }
   }
 }
 
-void vaelab_gaussian_sample_f32(const float *restrict head, const float *restrict eps, int64_t b,
-                                int64_t z, float *restrict mu, float *restrict sigma,
-                                float *restrict kl_dim, float *restrict kl, float *restrict zs) {
-  for (int64_t r = 0; r < b; ++r) {
-    const float *hm = head + r * 2 * z, *hv = hm + z;
-    const int64_t at = r * z;
-    float sum = 0.f;
-    for (int64_t i = 0; i < z; ++i) {
-      const float m = hm[i], lv = hv[i];
-      const float s = expf(0.5f * lv);
-      const float k = 0.5f * (m * m + s * s - 1.f - lv);
-      mu[at + i] = m;
-      sigma[at + i] = s;
-      kl_dim[at + i] = k;
-      zs[at + i] = m + s * eps[at + i];
-      sum += k;
-    }
-    kl[r] = sum;
-  }
+void vaelab_gaussian_sample(const uint16_t *head, const float *eps, int64_t b, int64_t z, float *mu,
+                            float *sigma, float *kl_dim, float *kl, uint16_t *zs) {
+  sample(head, eps, b, z, mu, sigma, kl_dim, kl, zs, 1);
 }
 
-void vaelab_gaussian_sample_grad_f32(const float *restrict dz, const float *restrict eps,
-                                     const float *restrict mu, const float *restrict sigma,
-                                     int64_t b, int64_t z, float sb, float *restrict dhead) {
-  for (int64_t r = 0; r < b; ++r) {
-    const int64_t at = r * z;
-    float *dm = dhead + r * 2 * z, *dv = dm + z;
-    for (int64_t i = 0; i < z; ++i) {
-      const float g = dz[at + i], s = sigma[at + i];
-      dm[i] = g + sb * mu[at + i];
-      dv[i] = 0.5f * g * eps[at + i] * s + 0.5f * sb * (s * s - 1.f);
-    }
-  }
+void vaelab_gaussian_sample_f32(const float *head, const float *eps, int64_t b, int64_t z, float *mu,
+                                float *sigma, float *kl_dim, float *kl, float *zs) {
+  sample(head, eps, b, z, mu, sigma, kl_dim, kl, zs, 0);
+}
+
+void vaelab_gaussian_sample_grad(const uint16_t *dz, const float *eps, const float *mu,
+                                 const float *sigma, int64_t b, int64_t z, float sb, uint16_t *dhead) {
+  sample_grad(dz, eps, mu, sigma, b, z, sb, dhead, 1);
+}
+
+void vaelab_gaussian_sample_grad_f32(const float *dz, const float *eps, const float *mu,
+                                     const float *sigma, int64_t b, int64_t z, float sb, float *dhead) {
+  sample_grad(dz, eps, mu, sigma, b, z, sb, dhead, 0);
 }
