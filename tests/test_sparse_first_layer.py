@@ -148,3 +148,28 @@ def test_unavailable_kernels_say_why(monkeypatch, tmp_path):
         assert fused_elbo_for(model, ObjectiveConfig(), torch.bfloat16).sparse is None
     finally:
         native._reset()
+
+
+@needs_kernels
+def test_a_fit_on_sparse_images_says_it_took_the_sparse_layer():
+    from vaelab import fit, load_preset, override
+    from vaelab.data.base import DataInfo, DataSplits, ImageSet
+
+    info = DataInfo("sparse-8x8", (1, 8, 8), "8bit")
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(640, 1, 8, 8, generator=g) < 0.15
+    images = (torch.randint(1, 256, (640, 1, 8, 8), generator=g) * keep).to(torch.uint8)
+    data = DataSplits(
+        info,
+        ImageSet(images[:512], None, info),
+        ImageSet(images[512:576], None, info),
+        ImageSet(images[576:], None, info),
+    )
+    cfg = override(
+        load_preset("pytorch-examples"),
+        ["model.hidden=64", "model.latent_dim=4", "train.batch_size=64", "train.max_steps=12",
+         "train.bf16=true", "train.figures=false", "train.report=false"],
+    )  # fmt: skip
+    result = fit(cfg, data=data, out_dir=None, progress=False)
+    assert "sparse first layer (csrc/sparse.c) in 12 of 12 steps" in result.summary["precision"]
+    assert all(torch.isfinite(p).all() for p in result.model.parameters())

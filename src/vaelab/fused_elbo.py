@@ -160,6 +160,7 @@ class FusedElbo:
             if kernels is not None and kernels.fits(first.in_features, first.out_features):
                 self.sparse = kernels
         self.sparse_now = False  # this step's choice (see __call__)
+        self.calls = self.sparse_calls = 0  # steps taken, and of those with the sparse layer
         self.pairs: torch.Tensor | None = None  # the first layer's weight as kernels.pairs
         self.scratch: torch.Tensor | None = None
 
@@ -196,7 +197,9 @@ class FusedElbo:
         beta_t = torch.as_tensor(beta, dtype=x.dtype, device=x.device)
         if self.lowp:
             self.sparse_now = self._sparse_batch(x.reshape(x.shape[0], -1))
+            self.sparse_calls += self.sparse_now
             self.refresh_copies()
+        self.calls += 1
         loss, elbo, log_px_z, kl, kl_per_dim = _FusedElboFunction.apply(
             x, eps, beta_t, self.acts, self.n_enc, self, *self.params
         )

@@ -1116,6 +1116,17 @@ def _optional_step(module: str, func: str, *args, **kwargs) -> Any:
     return None if out is None else str(out)
 
 
+def _precision(loop: _Loop) -> str:
+    """What the run trained in, with the share of steps that took the sparse first layer."""
+    fused = loop.fused
+    if fused is None or not getattr(fused, "sparse_calls", 0):
+        return loop.precision
+    return (
+        f"{loop.precision}; sparse first layer (csrc/sparse.c) in {fused.sparse_calls:,} of "
+        f"{fused.calls:,} steps"
+    )
+
+
 def _summary(loop: _Loop) -> dict:
     """``summary.json``: final numbers, timing, hardware, versions, data and likelihood facts."""
     cfg, data, model, st = loop.cfg, loop.data, loop.model, loop.st
@@ -1150,7 +1161,7 @@ def _summary(loop: _Loop) -> dict:
             "test": len(data.test),
         },
         "hardware": describe_hardware(loop.device),
-        "precision": loop.precision,
+        "precision": _precision(loop),
         "channels_last": loop.channels_last,
         "distributed": None if loop.dist is None else loop.dist.describe(),
         "versions": {
