@@ -240,7 +240,7 @@ class _FusedElboFunction(torch.autograd.Function):
             g = torch.empty(b, zdim, dtype=cdtype)
             gauss(h.data_ptr(), eps.data_ptr(), b, zdim, mu.data_ptr(), std.data_ptr(),
                   kl_per_dim.data_ptr(), kl.data_ptr(), g.data_ptr())  # fmt: skip
-            var, dec_in = std, []  # var: not needed by the kernel's backward
+            var, dec_in = None, []  # the kernel's backward squares sigma itself
         else:
             if lowp:
                 h = h.float()
@@ -328,8 +328,8 @@ class _FusedElboFunction(torch.autograd.Function):
             grads[2 * i + 1] = dy.sum(0)
             dy = dy @ weights[i]
         sb = scale * beta
-        grad_head = native.gaussian_sample_grad(cdtype) if ctx.gauss else None
-        if grad_head is not None:  # the forward's C pass, backwards
+        if ctx.gauss:  # the forward's C pass, backwards (the same library: it is loaded)
+            grad_head = native.gaussian_sample_grad(cdtype)
             dz, dy = dy.contiguous(), torch.empty(b, 2 * zdim, dtype=cdtype)
             grad_head(dz.data_ptr(), eps.data_ptr(), mu.data_ptr(), std.data_ptr(), b, zdim,
                       float(sb), dy.data_ptr())  # fmt: skip
@@ -337,8 +337,6 @@ class _FusedElboFunction(torch.autograd.Function):
             dz = dy.view(n_samples, b, zdim)
             if lowp:
                 dz = dz.float()
-            if ctx.gauss:  # var was not kept
-                var = std * std
             dmu = (dz.sum(0) if n_samples > 1 else dz[0]) + sb * mu
             dz_eps = (dz * eps).sum(0) if n_samples > 1 else dz[0] * eps[0]
             dlogvar = dz_eps.mul_(std).mul_(0.5).add_((0.5 * sb) * (var - 1.0))

@@ -1119,7 +1119,7 @@ def _optional_step(module: str, func: str, *args, **kwargs) -> Any:
 def _precision(loop: _Loop) -> str:
     """What the run trained in, with the share of steps that took the sparse first layer."""
     fused = loop.fused
-    if fused is None or not getattr(fused, "sparse_calls", 0):
+    if fused is None or not fused.sparse_calls:
         return loop.precision
     return (
         f"{loop.precision}; sparse first layer (csrc/sparse.c) in {fused.sparse_calls:,} of "

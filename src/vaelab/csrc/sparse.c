@@ -61,11 +61,10 @@ static inline uint16_t narrow1(float f) {
 /* How many of x[0..n) are not 0 (a batch's density decides between these kernels and the dense
  * products). */
 int64_t vaelab_count_nonzero(const float *restrict x, int64_t n) {
-  int32_t c = 0; /* per chunk: vectorised 32-bit counts */
   int64_t total = 0;
-  for (int64_t i = 0; i < n; i += 1 << 20) {
+  for (int64_t i = 0; i < n; i += 1 << 20) { /* 32-bit counts vectorise twice as wide */
     const int64_t end = i + (1 << 20) < n ? i + (1 << 20) : n;
-    c = 0;
+    int32_t c = 0;
     for (int64_t e = i; e < end; ++e) c += x[e] != 0.0f;
     total += c;
   }
