@@ -12,7 +12,8 @@ Each contender trains in its own fresh process, alternating A B A B over ``--rou
   images, shuffle=True, the model's decoder ending in a sigmoid, loss
   ``F.binary_cross_entropy(recon, x, reduction="sum")`` + the closed-form KL, ``loss.item()``
   every step, ``torch.optim.Adam(lr=1e-3)``. For conv/dcgan the same loop trains vaelab's own
-  encoder and decoder modules (sigmoid on the decoder's output).
+  encoder and decoder modules (sigmoid on the decoder's output), with torch's ``nn.Dropout``
+  in place of vaelab's (whose CPU kernel is part of what vaelab brings).
 * vaelab: ``fit()`` on the ``pytorch-examples`` preset (MLP 784-400-20, Bernoulli, Adam 1e-3,
   batch 128) with its default train settings (``--vaelab-set`` adds overrides); conv/dcgan use
   the same preset with ``model.arch`` changed. On a CPU with native bf16 the defaults run the
@@ -140,11 +141,17 @@ class ReferenceVAE(nn.Module):
 
 
 class ReferenceOf(nn.Module):
-    """The pytorch/examples loop's model around vaelab's encoder and decoder modules."""
+    """The pytorch/examples loop's model around vaelab's encoder and decoder modules, in plain
+    PyTorch: vaelab's Dropout layers (a C kernel on the CPU) are swapped for torch's own."""
 
     def __init__(self, vae) -> None:
         super().__init__()
         self.encoder, self.decoder = vae.encoder, vae.decoder
+        for module in (self.encoder, self.decoder):
+            for parent in module.modules():
+                for name, child in parent.named_children():
+                    if isinstance(child, nn.Dropout) and type(child) is not nn.Dropout:
+                        setattr(parent, name, nn.Dropout(child.p))
 
     def encode(self, x):
         return self.encoder(x)

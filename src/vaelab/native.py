@@ -221,6 +221,25 @@ def linear_relu(*tensors):
     )
 
 
+def dropout_kernel(dtype: torch.dtype, apply: bool = False):
+    """``vaelab_dropout_{f32,bf16}(x, n, seed, thr, scale, out, mask)`` of ``csrc/dropout.c``
+    (keep/drop draw, scaling and a 1-bit-per-element mask in one pass), or with ``apply`` its
+    ``vaelab_dropout_apply_*(g, n, mask, scale, out)`` (the backward pass), for float32 or
+    bfloat16 arrays; None for other dtypes or when unavailable."""
+    suffix = {torch.float32: "f32", torch.bfloat16: "bf16"}.get(dtype)
+    if suffix is None:
+        return None
+    if apply:
+        return function(
+            "dropout", f"vaelab_dropout_apply_{suffix}", [_PTR, _I64, _PTR, ctypes.c_float, _PTR]
+        )
+    return function(
+        "dropout",
+        f"vaelab_dropout_{suffix}",
+        [_PTR, _I64, ctypes.c_uint64, ctypes.c_uint32, ctypes.c_float, _PTR, _PTR],
+    )
+
+
 class SparseFirstLayer:
     """The kernels of ``csrc/sparse.c``: a first Linear + ReLU layer whose input is mostly zeros,
     in bfloat16 products with float32 sums (AVX512-BF16). Work is shared by ``threads`` threads

@@ -13,7 +13,7 @@ import math
 import torch
 from torch import nn
 
-from vaelab.nets.common import ARCHITECTURES, CropTo, GaussianHeads, Reshape, activation
+from vaelab.nets.common import ARCHITECTURES, CropTo, Dropout, GaussianHeads, Reshape, activation
 
 
 class ConvEncoder(nn.Module):
@@ -35,7 +35,7 @@ class ConvEncoder(nn.Module):
             activation(act),
             nn.Conv2d(ch[0], ch[1], 3, stride=2, padding=1),
             activation(act),
-            nn.Dropout(dropout),
+            Dropout(dropout),
             nn.Flatten(),
             nn.Linear(ch[1] * h4 * w4, dense),
             activation(act),
@@ -65,7 +65,7 @@ def build_conv(cfg, shape: tuple[int, int, int], out_channels: int) -> tuple[nn.
         activation(cfg.activation),
         nn.ConvTranspose2d(ch[1], ch[0], 3, stride=2, padding=1, output_padding=1),
         activation(cfg.activation),
-        nn.Dropout(dropout),
+        Dropout(dropout),
         nn.ConvTranspose2d(ch[0], out_channels, 3, stride=1, padding=1),
         CropTo(h, w),
     )

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import nn
 
-from vaelab.nets.common import ARCHITECTURES, GaussianHeads, Reshape, activation
+from vaelab.nets.common import ARCHITECTURES, Dropout, GaussianHeads, Reshape, activation
 
 
 def _stack(sizes: list[int], act: str, dropout: float) -> list[nn.Module]:
@@ -15,7 +15,7 @@ def _stack(sizes: list[int], act: str, dropout: float) -> list[nn.Module]:
     for a, b in zip(sizes[:-1], sizes[1:]):
         layers += [nn.Linear(a, b), activation(act)]
         if dropout > 0:
-            layers.append(nn.Dropout(dropout))
+            layers.append(Dropout(dropout))
     return layers
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from vaelab.nets.common import (
     ARCHITECTURES,
     CropTo,
+    Dropout,
     GaussianHeads,
     PadTo,
     Reshape,
@@ -33,7 +34,7 @@ class ResBlock(nn.Module):
             activation(act),
             nn.Conv2d(ch, ch, 3, padding=1),
             activation(act),
-            nn.Dropout(dropout) if dropout > 0 else nn.Identity(),
+            Dropout(dropout) if dropout > 0 else nn.Identity(),
             nn.Conv2d(ch, ch, 3, padding=1),
         )
         nn.init.zeros_(self.body[-1].weight)  # start as identity for a stable deep stack
