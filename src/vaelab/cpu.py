@@ -24,8 +24,9 @@ top of its heap back when more than twice that is free. A training step allocate
 same large tensors every time, so each step can map, fault in (one page fault per 4 KiB) and
 unmap tens of megabytes afresh: the conv network of vaelab.nets.conv in NHWC float32 took 16,000
 page faults a step (84 against 52 ms a step at batch 128 on the machine of docs/benchmarks.md).
-While fit() runs, blocks up to 32 MiB come from the heap and up to 1 GiB of free heap is kept,
-so a step reuses the memory the previous one freed; on exit the heap is trimmed.
+While fit() runs, blocks up to 256 MiB (a 128 x 32 x 64 x 64 float32 activation is 64 MiB) come
+from the heap and up to 1 GiB of free heap is kept, so a step reuses the memory the previous one
+freed; on exit the heap is trimmed.
 """
 
 from __future__ import annotations
@@ -120,15 +121,14 @@ def _glibc() -> ctypes.CDLL | None:
 
 @contextmanager
 def freed_memory_kept(
-    mmap_threshold: int = 32 << 20, trim_threshold: int = 1 << 30
+    mmap_threshold: int = 256 << 20, trim_threshold: int = 1 << 30
 ) -> Iterator[bool]:
     """While the block runs, glibc's malloc serves blocks below ``mmap_threshold`` bytes from
     its heap and keeps up to ``trim_threshold`` bytes of free heap instead of returning them to
     the OS, so memory freed by one training step is reused by the next without page faults.
 
-    Yields whether the setting took (False off glibc). On exit the trim threshold goes back to
-    twice the mmap threshold (where glibc's own sliding rule leaves it) and the free heap is
-    returned to the OS."""
+    Yields whether the setting took (False off glibc). On exit the thresholds become 32 and
+    64 MiB (the highest glibc's own sliding rule sets) and the free heap goes back to the OS."""
     libc = _glibc()
     on = (
         libc is not None
@@ -139,5 +139,6 @@ def freed_memory_kept(
         yield on
     finally:
         if on:
-            libc.mallopt(_M_TRIM_THRESHOLD, 2 * mmap_threshold)
+            libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20)
+            libc.mallopt(_M_TRIM_THRESHOLD, 64 << 20)
             libc.malloc_trim(0)
