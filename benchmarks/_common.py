@@ -4,6 +4,8 @@ folder is on ``sys.path``)."""
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 # ../shared/data beside the repository, the layout CI and the development machine use.
@@ -18,3 +20,16 @@ def data_dir(arg: str | None) -> str | None:
     if os.environ.get("VAELAB_DATA_DIR"):
         return None
     return str(SHARED_DATA) if (SHARED_DATA / "mnist").is_dir() else None
+
+
+def best_seconds(fn: Callable[[], object], calls: int, blocks: int = 3) -> float:
+    """Seconds per call of ``fn``: the best of ``blocks`` blocks of ``calls`` calls, after one
+    untimed call."""
+    fn()
+    best = float("inf")
+    for _ in range(blocks):
+        t = time.perf_counter()
+        for _ in range(calls):
+            fn()
+        best = min(best, (time.perf_counter() - t) / calls)
+    return best

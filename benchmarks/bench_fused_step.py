@@ -24,7 +24,7 @@ import statistics
 import time
 
 import torch
-from _common import data_dir
+from _common import best_seconds, data_dir
 
 import vaelab.fused_elbo as fused_elbo
 from vaelab import load_preset, native
@@ -38,14 +38,7 @@ B, Z, H, K = 128, 20, 400, 784
 
 
 def best_us(fn, calls: int = 40, blocks: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(blocks):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best * 1e6
+    return best_seconds(fn, calls, blocks) * 1e6
 
 
 def layer_part(images: torch.Tensor, threads: int) -> None:

@@ -2,7 +2,8 @@
 
 * ``dropout``: vaelab's ``Dropout`` (``csrc/dropout.c``) against ``torch.nn.Dropout``, forward
   and backward, float32 and bfloat16, at the shapes of the ``conv`` network's two dropout
-  layers (batch 128, MNIST and 3x64x64) in NHWC; best of 3 blocks.
+  layers (batch 128, MNIST and 3x64x64) in NHWC; best of 3 blocks; inside
+  ``freed_memory_kept()`` for both, as in ``fit()``, so the figures are the layers' own.
 * ``allocator``: one training step (forward, backward, fused Adam) of the ``conv`` and
   ``dcgan`` networks in NHWC float32, the steps' page faults and milliseconds with glibc's
   default malloc and inside ``vaelab.cpu.freed_memory_kept()`` (as ``fit()`` runs), alternated
@@ -18,23 +19,17 @@ import json
 import statistics
 import subprocess
 import sys
-import time
 
 import torch
+from _common import best_seconds
 from torch import nn
 
+from vaelab.cpu import freed_memory_kept
 from vaelab.nets.common import Dropout
 
 
 def best_ms(fn, calls: int = 10, blocks: int = 3) -> float:
-    fn()
-    best = float("inf")
-    for _ in range(blocks):
-        t = time.perf_counter()
-        for _ in range(calls):
-            fn()
-        best = min(best, (time.perf_counter() - t) / calls)
-    return best * 1e3
+    return best_seconds(fn, calls, blocks) * 1e3
 
 
 def dropout_part() -> None:
@@ -120,7 +115,8 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     if args.part in ("dropout", "all"):
-        dropout_part()
+        with freed_memory_kept():
+            dropout_part()
     if args.part in ("allocator", "all"):
         allocator_part(args.steps, args.rounds)
 

@@ -4,7 +4,7 @@ Optional by design: with no C compiler, with ``VAELAB_NATIVE=0``, or when compil
 :func:`load` returns ``None`` and callers use their PyTorch formula instead (same numbers up to
 float rounding). The sources live in ``vaelab/csrc/``; each is compiled once per machine into
 the cache (``$VAELAB_CACHE_DIR``, else ``$XDG_CACHE_HOME/vaelab``, else ``~/.cache/vaelab``)
-under a name hashing the source, the flags, the compiler and the CPU, and written atomically
+under a name hashing the source, the shared headers (``csrc/*.h``), the flags, the compiler and the CPU, and written atomically
 (temporary file, then rename), so concurrent processes never load a half-written library.
 
 Compiled with ``-O3 -march=native -ffast-math`` (vectorised ``expf``/``logf`` from glibc's
@@ -72,8 +72,16 @@ def _compiler() -> str | None:
     return shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
 
 
+def _headers() -> dict[str, str]:
+    """The headers of ``vaelab/csrc`` (file name -> text), shared by the kernels' sources."""
+    folder = resources.files("vaelab").joinpath("csrc")
+    return {f.name: f.read_text() for f in folder.iterdir() if f.name.endswith(".h")}
+
+
 def _build(name: str, source: str, cc: str) -> Path:
-    """Compile ``source`` into the cache (if not there yet) and return the library's path."""
+    """Compile ``source`` (with the headers of ``csrc`` beside it) into the cache (if not there
+    yet) and return the library's path."""
+    headers = _headers()
     try:
         version = subprocess.run([cc, "--version"], capture_output=True, text=True).stdout
     except OSError as err:
@@ -81,7 +89,8 @@ def _build(name: str, source: str, cc: str) -> Path:
     out_dir = cache_dir()
     errors = []
     for cflags, libs in _FLAG_SETS:
-        key = "\0".join([source, " ".join(cflags + libs), version, platform.machine(), _cpu_id()])
+        parts = [source, *(headers[h] for h in sorted(headers)), " ".join(cflags + libs)]
+        key = "\0".join([*parts, version, platform.machine(), _cpu_id()])
         lib = out_dir / f"{name}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
         if lib.exists():
             return lib
@@ -89,6 +98,8 @@ def _build(name: str, source: str, cc: str) -> Path:
         with tempfile.TemporaryDirectory(dir=out_dir) as tmp:
             src, obj, so = Path(tmp, f"{name}.c"), Path(tmp, f"{name}.o"), Path(tmp, f"{name}.so")
             src.write_text(source)
+            for header, text in headers.items():
+                Path(tmp, header).write_text(text)
             steps = [
                 [cc, *cflags, "-fPIC", "-c", str(src), "-o", str(obj)],
                 [cc, "-shared", str(obj), "-o", str(so), *libs],

@@ -15,6 +15,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define LANES 16
 #define BLOCK 1024
 
@@ -106,19 +108,10 @@ void vaelab_bernoulli_rows_grad_bf16(const uint16_t *restrict logits, const floa
     for (int64_t start = 0; start < d; start += BLOCK) {
       const int64_t n = d - start < BLOCK ? d - start : BLOCK;
       const int64_t at = r * d + start;
-      for (int64_t i = 0; i < n; ++i) {
-        const uint32_t u = (uint32_t)logits[at + i] << 16;
-        memcpy(&q[i], &u, sizeof u);
-      }
+      for (int64_t i = 0; i < n; ++i) q[i] = widen(logits[at + i]);
       lin += block_grad(q, x + at, g, t, n);
       log_sum += sum_log(t, n);
-      for (int64_t i = 0; i < n; ++i) {
-        uint32_t u;
-        const float v = scale * g[i];
-        memcpy(&u, &v, sizeof u);
-        const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
-        grad[at + i] = (uint16_t)((((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x400000u) : rounded) >> 16);
-      }
+      for (int64_t i = 0; i < n; ++i) grad[at + i] = narrow(scale * g[i]);
     }
     log_p[r] = lin - log_sum;
   }

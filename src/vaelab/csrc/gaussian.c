@@ -21,20 +21,7 @@
 #include <stdint.h>
 #include <string.h>
 
-static inline float widen(uint16_t h) {
-  const uint32_t u = (uint32_t)h << 16;
-  float f;
-  memcpy(&f, &u, sizeof f);
-  return f;
-}
-
-/* float32 -> bfloat16, rounding to nearest even; NaN stays NaN. */
-static inline uint16_t narrow(float f) {
-  uint32_t u;
-  memcpy(&u, &f, sizeof u);
-  const uint32_t rounded = u + 0x7fffu + ((u >> 16) & 1u);
-  return (uint16_t)((((u & 0x7fffffffu) > 0x7f800000u) ? (u | 0x400000u) : rounded) >> 16);
-}
+#include "bf16.h"
 
 /* Elements of bfloat16 (bf16 = 1) or float32 arrays; inlined with a constant flag, so each
  * exported function below is compiled for its own dtype. */

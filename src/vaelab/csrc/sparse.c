@@ -28,6 +28,8 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "bf16.h"
+
 #define W 16
 #define NB 8 /* vectors of outputs kept in registers at a time */
 
@@ -51,13 +53,6 @@ static void run(region_fn fn, void *job, int64_t threads) {
 }
 static int tid(int64_t threads) { return (threads > 1 && gomp_parallel && thread_num) ? thread_num() : 0; }
 
-/* float32 -> bfloat16, rounding to nearest even; NaN stays NaN. */
-static inline uint16_t narrow1(float f) {
-  uint32_t u;
-  memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40u);
-  return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
 /* How many of x[0..n) are not 0 (a batch's density decides between these kernels and the dense
  * products). */
 int64_t vaelab_count_nonzero(const float *restrict x, int64_t n) {
@@ -77,7 +72,7 @@ int64_t vaelab_count_nonzero(const float *restrict x, int64_t n) {
 int vaelab_sparse_available(void) { return 1; }
 
 /* Two floats as a bf16 pair (a in the low half), the operand of vdpbf16ps. */
-static inline uint32_t pair(float a, float b) { return narrow1(a) | ((uint32_t)narrow1(b) << 16); }
+static inline uint32_t pair(float a, float b) { return narrow(a) | ((uint32_t)narrow(b) << 16); }
 static inline __m512 dp(__m512 acc, const uint32_t *w, __m512i x) {
   return _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(w), (__m512bh)x);
 }
