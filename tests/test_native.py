@@ -63,6 +63,21 @@ def test_compiled_once_into_the_cache_and_reused(fresh_cache):
 
 
 @pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
+def test_a_changed_shared_header_rebuilds_the_kernels(fresh_cache, monkeypatch):
+    """The sources include csrc/bf16.h; a library built against another version of a header
+    is not reused."""
+    headers = native._headers()
+    assert "bf16.h" in headers
+    assert native.load("gaussian") is not None
+    assert len(list(fresh_cache.glob("gaussian-*.so"))) == 1
+    native._reset()
+    changed = {**headers, "bf16.h": headers["bf16.h"] + "\n/* another version */\n"}
+    monkeypatch.setattr(native, "_headers", lambda: changed)
+    assert native.load("gaussian") is not None
+    assert len(list(fresh_cache.glob("gaussian-*.so"))) == 2
+
+
+@pytest.mark.skipif(not HAVE_CC, reason="no C compiler")
 def test_loading_the_kernel_keeps_subnormal_floats(fresh_cache):
     # a library linked with -ffast-math would switch the process to flush-to-zero on load
     code = (
