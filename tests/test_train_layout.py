@@ -14,7 +14,8 @@ import vaelab.train as train_mod
 from vaelab.config import load_preset, override
 from vaelab.data import load_dataset
 from vaelab.devices import native_bf16
-from vaelab.model import build_model
+from vaelab.model import build_model, output_layer
+from vaelab.nets import ARCHITECTURES
 from vaelab.objectives import elbo
 from vaelab.optim import FusedAdam
 from vaelab.runs import load_checkpoint
@@ -45,8 +46,18 @@ def state(model):
 
 
 def test_channels_last_trains_like_contiguous(digits):
-    a = fit(conv_cfg("train.channels_last=false"), out_dir=None, data=digits, progress=False)
-    b = fit(conv_cfg("train.channels_last=true"), out_dir=None, data=digits, progress=False)
+    a = fit(
+        conv_cfg("train.channels_last=false", "train.bf16=false"),
+        out_dir=None,
+        data=digits,
+        progress=False,
+    )
+    b = fit(
+        conv_cfg("train.channels_last=true", "train.bf16=false"),
+        out_dir=None,
+        data=digits,
+        progress=False,
+    )
     assert a.summary["channels_last"] is False and b.summary["channels_last"] is True
     sa, sb = state(a.model), state(b.model)
     assert sa.keys() == sb.keys()
@@ -69,7 +80,7 @@ def test_resume_across_layouts(digits, tmp_path, first, second):
     """A checkpoint saved in one layout resumes in the other and ends where a straight run
     in the second layout ends (the optimizer's moments take the parameters' strides)."""
     straight = fit(
-        conv_cfg(f"train.channels_last={str(second).lower()}"),
+        conv_cfg(f"train.channels_last={str(second).lower()}", "train.bf16=false"),
         out_dir=None,
         data=digits,
         progress=False,
@@ -80,7 +91,7 @@ def test_resume_across_layouts(digits, tmp_path, first, second):
             if st.step == 6:
                 st.request_stop("test")
 
-    cfg1 = conv_cfg(f"train.channels_last={str(first).lower()}")
+    cfg1 = conv_cfg(f"train.channels_last={str(first).lower()}", "train.bf16=false")
     with pytest.raises(TrainingInterrupted):
         fit(cfg1, out_dir=tmp_path, data=digits, progress=False, callbacks=[StopAt()])
     run_dir = tmp_path / cfg1.name
@@ -88,7 +99,7 @@ def test_resume_across_layouts(digits, tmp_path, first, second):
     moments = [s["exp_avg"] for s in ckpt["optimizer"]["state"].values() if s["exp_avg"].dim() == 4]
     assert moments and all(m.is_contiguous() != first for m in moments if m.shape[1] > 1)
     # train.* settings may change on resume: continue in the other layout
-    cfg2 = conv_cfg(f"train.channels_last={str(second).lower()}")
+    cfg2 = conv_cfg(f"train.channels_last={str(second).lower()}", "train.bf16=false")
     resumed = fit(cfg2, resume=run_dir, data=digits, progress=False)
     for k, v in state(straight.model).items():
         torch.testing.assert_close(state(resumed.model)[k], v, rtol=1e-3, atol=1e-4, msg=k)
@@ -131,9 +142,12 @@ def test_encode_decode_return_float32_under_autocast():
 @pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="no native bf16 on this CPU")
 def test_bf16_on_a_cpu_with_native_bf16(digits):
     a = fit(conv_cfg("train.bf16=true"), out_dir=None, data=digits, progress=False)
-    b = fit(conv_cfg(), out_dir=None, data=digits, progress=False)
-    assert a.summary["precision"] == "bf16 autocast" and b.summary["precision"] == "float32"
+    b = fit(conv_cfg("train.bf16=false"), out_dir=None, data=digits, progress=False)
+    assert a.summary["precision"] == "bf16 autocast (float32 output layer)"
+    assert b.summary["precision"] == "float32"
     assert all(p.dtype == torch.float32 for p in a.model.parameters())
+    last = output_layer(a.model.decoder)  # the released model has no hooks left
+    assert not last._forward_hooks and not last._forward_pre_hooks
     va, vb = a.history[-1]["elbo"], b.history[-1]["elbo"]  # 12 steps: close, not equal
     assert abs(va - vb) < 0.05 * abs(vb)
     sa, sb = state(a.model), state(b.model)
@@ -222,11 +236,12 @@ def test_bf16_mlp_resumes_exactly(digits, tmp_path, fake_native_bf16):
     [
         (True, ("mlp",), "bf16 products (fused MLP gradient)"),
         (True, ("mlp", "train.fused=false"), "float32"),  # only the fused path
-        (True, ("conv",), "float32"),  # autocast for convolutions stays opt-in
+        (True, ("conv",), "bf16 autocast (float32 output layer)"),  # convolutional networks
         (False, ("mlp",), "float32"),  # no native bf16: float32, no warning
+        (False, ("conv",), "float32"),
     ],
 )
-def test_bf16_auto_is_the_fused_mlp_path_on_native_cpus(
+def test_bf16_auto_is_the_fused_mlp_path_and_convolutions_on_native_cpus(
     digits, monkeypatch, native, cfg_args, want
 ):
     import warnings
@@ -272,3 +287,49 @@ def test_new_runs_centre_the_mlp_encoder_input(digits, centre):
         assert seen["out"].abs().max() < 1e-5 and seen["bias"].abs().max() > 0.1
     else:
         assert torch.count_nonzero(seen["bias"]) == 0
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES.names())
+def test_output_layer_is_the_decoders_last_product(arch):
+    """output_layer() names the Linear/convolution that runs last in each architecture."""
+    cfg = override(load_preset("quickstart"), [f"model.arch={arch}", "model.hidden="])
+    model = build_model(cfg.model, (1, 28, 28))
+    ran = []
+    for m in model.decoder.modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            m.register_forward_hook(lambda mod, a, out: ran.append(mod))
+    model.decoder(torch.zeros(2, cfg.model.latent_dim))
+    assert ran and output_layer(model.decoder) is ran[-1]
+
+
+def test_float32_output_layer_under_autocast():
+    """Every product of the decoder but the last runs in bf16; the last in float32, on its
+    input rounded to bf16 by the layer before, so its output has float32 precision."""
+    cfg = override(conv_cfg(), ["model.hidden=8,16"])
+    model = build_model(cfg.model, (1, 8, 8))
+    last = output_layer(model.decoder)
+    seen = {}
+    for name, m in model.decoder.named_modules():
+        if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d, torch.nn.ConvTranspose2d)):
+            m.register_forward_hook(lambda mod, a, out, name=name: seen.update({name: out.dtype}))
+    z = torch.randn(3, cfg.model.latent_dim)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        plain = model.decoder(z)
+    assert plain.dtype == torch.bfloat16
+    hooks = train_mod.Float32OutputLayer(last, "cpu")
+    inputs = {}
+    last.register_forward_pre_hook(lambda mod, a: inputs.update(x=a[0]))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model.decoder(z)
+        assert torch.is_autocast_enabled("cpu")  # restored after the layer
+    assert out.dtype == torch.float32
+    assert sorted(set(seen.values()), key=str) == [torch.bfloat16, torch.float32]
+    assert [n for n, d in seen.items() if d == torch.float32] == [
+        n for n, m in model.decoder.named_modules() if m is last
+    ]
+    x = inputs["x"]
+    assert x.dtype == torch.float32 and torch.equal(x, x.bfloat16().float())  # bf16 values
+    hooks.remove()
+    torch.testing.assert_close(out, model.decoder[-1](last(x)), rtol=0, atol=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.decoder(z).dtype == torch.bfloat16

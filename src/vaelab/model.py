@@ -107,6 +107,16 @@ def has_convolutions(model: nn.Module) -> bool:
     return any(isinstance(m, _CONVS) for m in model.modules())
 
 
+def output_layer(decoder: nn.Module) -> nn.Module | None:
+    """The decoder's last Linear or convolution (the one that gives the likelihood's raw
+    parameters; every architecture in vaelab.nets defines its layers in the order they run)."""
+    last = None
+    for m in decoder.modules():
+        if isinstance(m, (nn.Linear, *_CONVS)):
+            last = m
+    return last
+
+
 def is_channels_last(model: nn.Module) -> bool:
     """Whether ``model`` has convolutions and all their weights are channels-last already."""
     weights = [m.weight for m in model.modules() if isinstance(m, _CONVS)]
