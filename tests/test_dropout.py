@@ -36,7 +36,7 @@ def test_vector_mask_equals_the_scalar_reference(n):
     fwd = native.dropout_kernel(torch.float32)
     x = torch.randn(n)
     for seed in (0, 1, 2**61 + 12345):
-        out, got, want = torch.empty_like(x), torch.empty((n + 15) // 16, dtype=torch.int16), None
+        out, got = torch.empty_like(x), torch.empty((n + 15) // 16, dtype=torch.int16)
         want = torch.empty_like(got)
         fwd(x.data_ptr(), n, seed, 3 << 30, 4.0 / 3.0, out.data_ptr(), got.data_ptr())
         scalar(n, seed, 3 << 30, want.data_ptr())
