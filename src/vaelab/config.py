@@ -126,7 +126,7 @@ class TrainConfig:
     elsewhere it warns and trains in float32.
     ``"auto"`` (the default) takes bf16 only where it was measured to pay without changing the
     result -- on a CPU with native bf16, the fused MLP path (2x the products' speed, the same
-    test ELBO) and convolutional networks (1.4-1.7x faster steps, test ELBO within the spread of
+    test ELBO) and convolutional networks (up to 1.6x faster steps, test ELBO within the spread of
     float32 runs; docs/benchmarks.md) -- and float32 everywhere else; ``false`` is float32.
     ``compile_mode`` is torch.compile's mode for ``compile``: ``"reduce-overhead"`` replays the
     compiled step as CUDA graphs on a GPU (small networks, where launches dominate).

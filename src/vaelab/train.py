@@ -242,7 +242,7 @@ def resolve_bf16(
     ``true``: where bf16 is native (CUDA, or a CPU with AVX512-BF16/AMX), else a warning and
     float32. ``"auto"``: on a CPU with native bf16, for the fused MLP path (``fused_mlp``: its
     own bf16 products) and for convolutional networks (autocast), where it was measured to
-    speed training up (1.4-1.7x) and leave the test ELBO within the spread of float32 runs
+    speed training up (up to 1.6x) and leave the test ELBO within the spread of float32 runs
     (docs/benchmarks.md); float32 elsewhere, silently. ``false``: float32.
     """
     if setting == "auto":
