@@ -105,16 +105,14 @@ class _NativeDropout(torch.autograd.Function):
     elements, in x's memory order); the backward pass applies it with the same scale."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, p: float) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, p: float, kernel) -> torch.Tensor:
         out = torch.empty_like(x)  # x's strides: empty_like preserves a dense layout
         n = x.numel()
         mask = torch.empty((n + 15) // 16, dtype=torch.int16)
         seed = int(torch.randint(0, 2**62, (1,)).item())  # torch's generator: seeded runs repeat
         keep = min(round((1.0 - p) * 2.0**32), 2**32 - 1)
         ctx.scale = 1.0 / (1.0 - p)
-        native.dropout_kernel(x.dtype)(
-            x.data_ptr(), n, seed, keep, ctx.scale, out.data_ptr(), mask.data_ptr()
-        )
+        kernel(x.data_ptr(), n, seed, keep, ctx.scale, out.data_ptr(), mask.data_ptr())
         ctx.save_for_backward(mask)
         ctx.shape, ctx.stride = x.shape, x.stride()
         return out
@@ -129,7 +127,7 @@ class _NativeDropout(torch.autograd.Function):
         native.dropout_kernel(grad.dtype, apply=True)(
             grad.data_ptr(), grad.numel(), mask.data_ptr(), ctx.scale, out.data_ptr()
         )
-        return out, None
+        return out, None, None
 
 
 class Dropout(nn.Dropout):
@@ -150,7 +148,7 @@ class Dropout(nn.Dropout):
             and x.device.type == "cpu"
             and _dense(x)
             and not torch.compiler.is_compiling()
-            and native.dropout_kernel(x.dtype) is not None
+            and (kernel := native.dropout_kernel(x.dtype)) is not None
         ):
-            return _NativeDropout.apply(x, self.p)
+            return _NativeDropout.apply(x, self.p, kernel)
         return super().forward(x)
