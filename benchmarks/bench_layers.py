@@ -4,12 +4,16 @@
   and backward, float32 and bfloat16, at the shapes of the ``conv`` network's two dropout
   layers (batch 128, MNIST and 3x64x64) in NHWC; best of 3 blocks; inside
   ``freed_memory_kept()`` for both, as in ``fit()``, so the figures are the layers' own.
+* ``conv``: every convolution of the ``dcgan`` and ``conv`` networks (batch 128, MNIST and
+  3x64x64 inputs, channels-last), vaelab's ``Conv2d`` / ``ConvTranspose2d`` against torch's
+  with the same weights, forward + backward (input and weight gradients) as ``fit()`` runs
+  them: hidden layers under bf16 autocast, the decoder's output layer in float32; best of 3.
 * ``allocator``: one training step (forward, backward, fused Adam) of the ``conv`` and
   ``dcgan`` networks in NHWC float32, the steps' page faults and milliseconds with glibc's
   default malloc and inside ``vaelab.cpu.freed_memory_kept()`` (as ``fit()`` runs), alternated
   in fresh processes.
 
-    python benchmarks/bench_layers.py [--part dropout|allocator] [--steps 20]
+    python benchmarks/bench_layers.py [--part dropout|conv|allocator] [--steps 20]
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ from _common import best_seconds
 from torch import nn
 
 from vaelab.cpu import freed_memory_kept
-from vaelab.nets.common import Dropout
+from vaelab.nets.common import Conv2d, ConvTranspose2d, Dropout
 
 
 def best_ms(fn, calls: int = 10, blocks: int = 3) -> float:
@@ -54,6 +58,72 @@ def dropout_part() -> None:
                 f"{name:>20} {str(dtype)[6:]:>9} {times[0]:8.2f} {times[1]:8.2f} "
                 f"{times[0] / times[1]:5.1f}x"
             )
+
+
+# (network, input, kind, in, out, kernel, stride, padding, output padding, input side, output layer)
+CONV_LAYERS = [
+    ("dcgan", "mnist", "conv", 1, 32, 4, 2, 1, 0, 32, False),
+    ("dcgan", "mnist", "conv", 32, 64, 4, 2, 1, 0, 16, False),
+    ("dcgan", "mnist", "conv", 64, 128, 4, 2, 1, 0, 8, False),
+    ("dcgan", "mnist", "conv", 128, 256, 4, 2, 1, 0, 4, False),
+    ("dcgan", "mnist", "convT", 256, 128, 4, 2, 1, 0, 2, False),
+    ("dcgan", "mnist", "convT", 128, 64, 4, 2, 1, 0, 4, False),
+    ("dcgan", "mnist", "convT", 64, 32, 4, 2, 1, 0, 8, False),
+    ("dcgan", "mnist", "convT", 32, 1, 4, 2, 1, 0, 16, True),
+    ("dcgan", "3x64x64", "conv", 3, 32, 4, 2, 1, 0, 64, False),
+    ("dcgan", "3x64x64", "conv", 32, 64, 4, 2, 1, 0, 32, False),
+    ("dcgan", "3x64x64", "conv", 64, 128, 4, 2, 1, 0, 16, False),
+    ("dcgan", "3x64x64", "conv", 128, 256, 4, 2, 1, 0, 8, False),
+    ("dcgan", "3x64x64", "convT", 256, 128, 4, 2, 1, 0, 4, False),
+    ("dcgan", "3x64x64", "convT", 128, 64, 4, 2, 1, 0, 8, False),
+    ("dcgan", "3x64x64", "convT", 64, 32, 4, 2, 1, 0, 16, False),
+    ("dcgan", "3x64x64", "convT", 32, 3, 4, 2, 1, 0, 32, True),
+    ("conv", "mnist", "conv", 1, 32, 3, 2, 1, 0, 28, False),
+    ("conv", "mnist", "conv", 32, 64, 3, 2, 1, 0, 14, False),
+    ("conv", "mnist", "convT", 64, 64, 3, 2, 1, 1, 7, False),
+    ("conv", "mnist", "convT", 64, 32, 3, 2, 1, 1, 14, False),
+    ("conv", "mnist", "convT", 32, 1, 3, 1, 1, 0, 28, True),
+]
+
+
+def conv_part() -> None:
+    print("convolutions, forward + backward, batch 128, channels-last (ms, best of 3 x 10 calls)")
+    print(
+        f"{'network':>8} {'input':>8} {'layer':>26} {'dtype':>9} {'torch':>8} {'vaelab':>8} {'ratio':>6}"
+    )
+    cl = torch.channels_last
+    for arch, data, kind, cin, cout, k, s, p, op, h, last in CONV_LAYERS:
+        torch.manual_seed(0)
+        if kind == "conv":
+            pair = (nn.Conv2d(cin, cout, k, s, p), Conv2d(cin, cout, k, s, p))
+        else:
+            pair = (
+                nn.ConvTranspose2d(cin, cout, k, s, p, op),
+                ConvTranspose2d(cin, cout, k, s, p, op),
+            )
+        pair[1].load_state_dict(pair[0].state_dict())
+        ref, ours = (m.to(memory_format=cl) for m in pair)
+        x = torch.randn(128, cin, h, h).contiguous(memory_format=cl)
+        x.requires_grad_(cin > 3)  # an encoder's first layer has no input gradient
+        bf16 = not last  # vaelab keeps the decoder's output layer in float32
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16), torch.no_grad():
+            g = torch.randn_like(ref(x)).contiguous(memory_format=cl)
+        times = []
+        for layer in (ref, ours):
+
+            def step(layer=layer, x=x, g=g, bf16=bf16):
+                with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                    y = layer(x)
+                y.backward(g)
+                layer.weight.grad = layer.bias.grad = x.grad = None
+
+            times.append(best_ms(step))
+        name = f"{kind} {cin}->{cout} k{k}s{s} {h}x{h}"
+        dtype = "bfloat16" if bf16 else "float32"
+        print(
+            f"{arch:>8} {data:>8} {name:>26} {dtype:>9} {times[0]:8.2f} {times[1]:8.2f} "
+            f"{times[0] / times[1]:5.2f}x"
+        )
 
 
 _STEP = """
@@ -109,7 +179,7 @@ def allocator_part(steps: int, rounds: int) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("dropout", "allocator", "all"), default="all")
+    p.add_argument("--part", choices=("dropout", "conv", "allocator", "all"), default="all")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
@@ -117,6 +187,9 @@ def main(argv=None) -> None:
     if args.part in ("dropout", "all"):
         with freed_memory_kept():
             dropout_part()
+    if args.part in ("conv", "all"):
+        with freed_memory_kept():
+            conv_part()
     if args.part in ("allocator", "all"):
         allocator_part(args.steps, args.rounds)
 

@@ -251,6 +251,22 @@ def dropout_kernel(dtype: torch.dtype, apply: bool = False):
     )
 
 
+def im2col_kernel():
+    """``vaelab_im2col_nhwc(x, n, h, w, c_bytes, kh, kw, sh, sw, ph, pw, ho, wo, cols)`` of
+    ``csrc/im2col.c`` (the im2col columns of a channels-last image batch, any element type), or
+    None when unavailable."""
+    return function("im2col", "vaelab_im2col_nhwc", [_PTR, *[_I64] * 12, _PTR])
+
+
+def convt_forward():
+    """``vaelab_convt_forward(x, n, hi, wi, ci, wt, co, kh, kw, sh, sw, ph, pw, ho, wo, bias, y)``
+    of ``csrc/convt.c`` (a float32 channels-last transposed convolution to few channels), or
+    None when unavailable."""
+    return function(
+        "convt", "vaelab_convt_forward", [_PTR, *[_I64] * 4, _PTR, *[_I64] * 9, _PTR, _PTR]
+    )
+
+
 class SparseFirstLayer:
     """The kernels of ``csrc/sparse.c``: a first Linear + ReLU layer whose input is mostly zeros,
     in bfloat16 products with float32 sums (AVX512-BF16). Work is shared by ``threads`` threads

@@ -152,3 +152,185 @@ class Dropout(nn.Dropout):
         ):
             return _NativeDropout.apply(x, self.p, kernel)
         return super().forward(x)
+
+
+# ------------------------------------------------------------------ convolutions
+
+
+def columns(x: torch.Tensor, kernel, stride, padding, out_size) -> torch.Tensor:
+    """im2col: the (N * Ho * Wo, kh * kw * C) matrix whose row (n, oy, ox), column (ky, kx, c)
+    is x[n, c, oy * sh + ky - ph, ox * sw + kx - pw] (0 outside x), for x (N, C, H, W) in any
+    layout and the output size (Ho, Wo) of a convolution of x with that kernel, stride and
+    padding. Its product with a (kh * kw * C, C') matrix is that convolution. Channels-last
+    CPU batches are gathered by ``csrc/im2col.c`` in one pass."""
+    n, c, h, w = x.shape
+    (kh, kw), (sh, sw), (ph, pw), (ho, wo) = kernel, stride, padding, out_size
+    if (
+        x.device.type == "cpu"
+        and x.is_contiguous(memory_format=torch.channels_last)
+        and (kernel_fn := native.im2col_kernel()) is not None
+    ):
+        cols = torch.empty(n * ho * wo, kh * kw * c, dtype=x.dtype)
+        kernel_fn(
+            x.data_ptr(), n, h, w, c * x.element_size(), kh, kw, sh, sw, ph, pw, ho, wo,
+            cols.data_ptr(),
+        )  # fmt: skip
+        return cols
+    xp = F.pad(
+        x.permute(0, 2, 3, 1),
+        (0, 0, pw, (wo - 1) * sw + kw - pw - w, ph, (ho - 1) * sh + kh - ph - h),
+    )
+    s = xp.stride()
+    view = xp.as_strided(
+        (n, ho, wo, kh, kw, c),
+        (s[0], sh * s[1], sw * s[2], s[1], s[2], s[3]),
+        xp.storage_offset(),
+    )
+    return view.reshape(n * ho * wo, kh * kw * c)
+
+
+def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    """(N, C, H, W) -> (N * H * W, C), a view when t is channels-last."""
+    return t.permute(0, 2, 3, 1).reshape(-1, t.shape[1])
+
+
+class _GemmConv(torch.autograd.Function):
+    """A convolution (or transposed convolution) whose forward pass and input gradient are
+    torch's (oneDNN on the CPU) and whose weight gradient is one matrix product: the rows of
+    the smaller side (output of a convolution, input of a transposed one) against the im2col
+    columns of the larger side."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer):
+        ctx.transposed = isinstance(layer, nn.ConvTranspose2d)
+        ctx.stride, ctx.padding = layer.stride, layer.padding
+        ctx.output_padding = layer.output_padding if ctx.transposed else (0, 0)
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x, weight)
+        if ctx.transposed:
+            return F.conv_transpose2d(
+                x, weight, bias, layer.stride, layer.padding, layer.output_padding
+            )
+        return F.conv2d(x, weight, bias, layer.stride, layer.padding)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx = gw = gb = None
+        if ctx.needs_input_grad[0]:
+            gx = torch.ops.aten.convolution_backward(
+                gy, x, weight, None, ctx.stride, ctx.padding, (1, 1), ctx.transposed,
+                ctx.output_padding, 1, (True, False, False),
+            )[0]  # fmt: skip
+        if ctx.needs_input_grad[1]:
+            # weight (C_out, C_in, kh, kw) of a convolution: rows of gy, columns of x;
+            # weight (C_in, C_out, kh, kw) of a transposed one: rows of x, columns of gy.
+            small, large = (x, gy) if ctx.transposed else (gy, x)
+            kernel = weight.shape[2:]
+            cols = columns(large, kernel, ctx.stride, ctx.padding, small.shape[2:])
+            a, b = weight.shape[:2]
+            gw = (_as_rows(small).t() @ cols).view(a, *kernel, b).permute(0, 3, 1, 2)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            gb = gy.sum((0, 2, 3))
+        return gx, gw, gb, None
+
+
+class _OneChannelConvTranspose(torch.autograd.Function):
+    """A float32 transposed convolution to one channel (a grey-level decoder's output layer)
+    whose forward pass is ``csrc/convt.c``; its gradients are torch's."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, layer, kernel):
+        x = x.contiguous(memory_format=torch.channels_last)
+        wt = weight.permute(2, 3, 1, 0).contiguous()  # (kh, kw, C_out, C_in)
+        n, ci, hi, wi = x.shape
+        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
+        co = layer.out_channels
+        ho = (hi - 1) * sh - 2 * ph + kh + layer.output_padding[0]
+        wo = (wi - 1) * sw - 2 * pw + kw + layer.output_padding[1]
+        y = torch.empty((n, co, ho, wo), memory_format=torch.channels_last)
+        kernel(
+            x.data_ptr(), n, hi, wi, ci, wt.data_ptr(), co, kh, kw, sh, sw, ph, pw, ho, wo,
+            None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
+        )  # fmt: skip
+        ctx.args = (layer.stride, layer.padding, (1, 1), True, layer.output_padding, 1)
+        ctx.save_for_backward(x, weight)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy):
+        x, weight = ctx.saved_tensors
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy, x, weight, [weight.shape[1]], *ctx.args, ctx.needs_input_grad[:3]
+        )
+        return gx, gw, gb, None, None
+
+
+def _fast_conv(layer, x: torch.Tensor) -> torch.Tensor | None:
+    """``layer(x)`` by :class:`_OneChannelConvTranspose` or :class:`_GemmConv` where one of
+    them is the faster way on this CPU (see :class:`Conv2d`), else None (torch's own)."""
+    if not (
+        x.device.type == "cpu"
+        and x.dim() == 4
+        and layer.groups == 1
+        and tuple(layer.dilation) == (1, 1)
+        and layer.padding_mode == "zeros"
+        and not isinstance(layer.padding, str)
+        and not torch.compiler.is_compiling()
+    ):
+        return None
+    transposed = isinstance(layer, nn.ConvTranspose2d)
+    autocast = torch.is_autocast_enabled("cpu")
+    if (
+        transposed
+        and not autocast
+        and layer.out_channels == 1  # 3 channels: 1.6x slower than oneDNN, as is
+        and layer.in_channels % 16 == 0
+        and x.dtype == layer.weight.dtype == torch.float32
+        and (kernel := native.convt_forward()) is not None
+    ):
+        return _OneChannelConvTranspose.apply(x, layer.weight, layer.bias, layer, kernel)
+    if not (torch.is_grad_enabled() and layer.weight.requires_grad):
+        return None
+    # Where the product wins (benchmarks/bench_layers.py --part conv): bfloat16 only (oneDNN's
+    # float32 weight gradient is as fast), transposed layers to 8+ channels and convolutions
+    # from 64+ channels (from 32: 0.8-0.85x; from 1-3, an encoder's first layer: ~0.5x).
+    if not autocast and layer.weight.dtype != x.dtype:
+        return None  # torch's error
+    dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
+    wide = layer.out_channels >= 8 if transposed else layer.in_channels >= 64
+    if not (wide and dtype == torch.bfloat16):
+        return None
+    w, b = layer.weight.to(dtype), layer.bias
+    x, b = x.to(dtype), None if b is None else b.to(dtype)
+    with torch.autocast("cpu", enabled=False):
+        return _GemmConv.apply(x, w, b, layer)
+
+
+class Conv2d(nn.Conv2d):
+    """:class:`torch.nn.Conv2d` (same arguments, state and results) whose training pass on
+    the CPU in bfloat16 (autocast) computes the weight gradient as one matrix product: the
+    output gradient's rows against the input's im2col columns (``csrc/im2col.c``). oneDNN's
+    bfloat16 weight gradient is its slow part: 3.5 against 1.3 ms for the dcgan network's
+    128 -> 256 channel layer at batch 128 (``benchmarks/bench_layers.py --part conv``).
+    Float32 layers, layers whose input has fewer than 8 channels, CUDA, torch.compile and
+    inference are torch's own."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = _fast_conv(self, x)
+        return super().forward(x) if y is None else y
+
+
+class ConvTranspose2d(nn.ConvTranspose2d):
+    """:class:`torch.nn.ConvTranspose2d` (same arguments, state and results), faster on the
+    CPU in two cases: in bfloat16 training the weight gradient is one matrix product (as
+    :class:`Conv2d`'s, with the im2col columns of the output gradient); a float32 layer to one
+    channel (a grey-level decoder's output layer, which vaelab keeps in float32 under bf16
+    autocast) runs its forward pass in ``csrc/convt.c``: 1.8 against 3.3 ms for the dcgan
+    network's 32 -> 1 layer at batch 128. Elsewhere, and with ``output_size``, torch's own."""
+
+    def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
+        y = None if output_size is not None else _fast_conv(self, x)
+        return super().forward(x, output_size) if y is None else y

@@ -13,7 +13,16 @@ import math
 import torch
 from torch import nn
 
-from vaelab.nets.common import ARCHITECTURES, CropTo, Dropout, GaussianHeads, Reshape, activation
+from vaelab.nets.common import (
+    ARCHITECTURES,
+    Conv2d,
+    ConvTranspose2d,
+    CropTo,
+    Dropout,
+    GaussianHeads,
+    Reshape,
+    activation,
+)
 
 
 class ConvEncoder(nn.Module):
@@ -31,9 +40,9 @@ class ConvEncoder(nn.Module):
         super().__init__()
         h4, w4 = math.ceil(math.ceil(h / 2) / 2), math.ceil(math.ceil(w / 2) / 2)
         self.body = nn.Sequential(
-            nn.Conv2d(c, ch[0], 3, stride=2, padding=1),
+            Conv2d(c, ch[0], 3, stride=2, padding=1),
             activation(act),
-            nn.Conv2d(ch[0], ch[1], 3, stride=2, padding=1),
+            Conv2d(ch[0], ch[1], 3, stride=2, padding=1),
             activation(act),
             Dropout(dropout),
             nn.Flatten(),
@@ -61,12 +70,12 @@ def build_conv(cfg, shape: tuple[int, int, int], out_channels: int) -> tuple[nn.
         nn.Linear(cfg.latent_dim, h4 * w4 * ch[1]),
         activation(cfg.activation),
         Reshape(ch[1], h4, w4),
-        nn.ConvTranspose2d(ch[1], ch[1], 3, stride=2, padding=1, output_padding=1),
+        ConvTranspose2d(ch[1], ch[1], 3, stride=2, padding=1, output_padding=1),
         activation(cfg.activation),
-        nn.ConvTranspose2d(ch[1], ch[0], 3, stride=2, padding=1, output_padding=1),
+        ConvTranspose2d(ch[1], ch[0], 3, stride=2, padding=1, output_padding=1),
         activation(cfg.activation),
         Dropout(dropout),
-        nn.ConvTranspose2d(ch[0], out_channels, 3, stride=1, padding=1),
+        ConvTranspose2d(ch[0], out_channels, 3, stride=1, padding=1),
         CropTo(h, w),
     )
     return encoder, decoder

@@ -14,6 +14,8 @@ from torch import nn
 
 from vaelab.nets.common import (
     ARCHITECTURES,
+    Conv2d,
+    ConvTranspose2d,
     CropTo,
     GaussianHeads,
     PadTo,
@@ -31,7 +33,7 @@ class DCGANEncoder(nn.Module):
         layers: list[nn.Module] = [PadTo(hp, wp)]
         prev = c
         for ch in channels:
-            layers += [nn.Conv2d(prev, ch, 4, stride=2, padding=1, bias=not bn)]
+            layers += [Conv2d(prev, ch, 4, stride=2, padding=1, bias=not bn)]
             if bn:
                 layers.append(nn.BatchNorm2d(ch))
             layers.append(activation(act))
@@ -62,9 +64,9 @@ def build_dcgan(cfg, shape: tuple[int, int, int], out_channels: int) -> tuple[nn
         layers.append(nn.BatchNorm2d(rev[0]))
     layers.append(activation(cfg.activation))
     for a, b in zip(rev[:-1], rev[1:]):
-        layers.append(nn.ConvTranspose2d(a, b, 4, stride=2, padding=1, bias=not cfg.batch_norm))
+        layers.append(ConvTranspose2d(a, b, 4, stride=2, padding=1, bias=not cfg.batch_norm))
         if cfg.batch_norm:
             layers.append(nn.BatchNorm2d(b))
         layers.append(activation(cfg.activation))
-    layers += [nn.ConvTranspose2d(rev[-1], out_channels, 4, stride=2, padding=1), CropTo(h, w)]
+    layers += [ConvTranspose2d(rev[-1], out_channels, 4, stride=2, padding=1), CropTo(h, w)]
     return encoder, nn.Sequential(*layers)

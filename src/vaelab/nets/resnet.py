@@ -15,6 +15,7 @@ from torch import nn
 
 from vaelab.nets.common import (
     ARCHITECTURES,
+    Conv2d,
     CropTo,
     Dropout,
     GaussianHeads,
@@ -32,10 +33,10 @@ class ResBlock(nn.Module):
         super().__init__()
         self.body = nn.Sequential(
             activation(act),
-            nn.Conv2d(ch, ch, 3, padding=1),
+            Conv2d(ch, ch, 3, padding=1),
             activation(act),
             Dropout(dropout) if dropout > 0 else nn.Identity(),
-            nn.Conv2d(ch, ch, 3, padding=1),
+            Conv2d(ch, ch, 3, padding=1),
         )
         nn.init.zeros_(self.body[-1].weight)  # start as identity for a stable deep stack
         nn.init.zeros_(self.body[-1].bias)
@@ -57,11 +58,11 @@ class ResNetEncoder(nn.Module):
         dropout: float,
     ) -> None:
         super().__init__()
-        layers: list[nn.Module] = [PadTo(hp, wp), nn.Conv2d(c, channels[0], 3, padding=1)]
+        layers: list[nn.Module] = [PadTo(hp, wp), Conv2d(c, channels[0], 3, padding=1)]
         prev = channels[0]
         for ch in channels:
             layers += [ResBlock(prev, act, dropout) for _ in range(blocks)]
-            layers.append(nn.Conv2d(prev, ch, 3, stride=2, padding=1))
+            layers.append(Conv2d(prev, ch, 3, stride=2, padding=1))
             prev = ch
         n = 2 ** len(channels)
         layers += [activation(act), nn.Flatten()]
@@ -91,8 +92,8 @@ def build_resnet(
     ]
     prev = rev[0]
     for ch in rev[1:] + [rev[-1]]:
-        layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(prev, ch, 3, padding=1)]
+        layers += [nn.Upsample(scale_factor=2, mode="nearest"), Conv2d(prev, ch, 3, padding=1)]
         layers += [ResBlock(ch, act, cfg.dropout) for _ in range(blocks)]
         prev = ch
-    layers += [activation(act), nn.Conv2d(prev, out_channels, 3, padding=1), CropTo(h, w)]
+    layers += [activation(act), Conv2d(prev, out_channels, 3, padding=1), CropTo(h, w)]
     return encoder, nn.Sequential(*layers)

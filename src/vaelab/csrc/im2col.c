@@ -1,0 +1,48 @@
+/* im2col for channels-last (NHWC) images: the columns whose product with a weight matrix is a
+ * convolution, used for the weight gradients of vaelab.nets.common.Conv2d / ConvTranspose2d.
+ *
+ * For x (n, h, w, c) in memory order and a kernel (kh, kw), stride (sh, sw), padding (ph, pw) and
+ * output size (ho, wo):
+ *
+ *     cols[((b ho + oy) wo + ox), (ky kw + kx) c + ch] = x[b, oy sh + ky - ph, ox sw + kx - pw, ch]
+ *
+ * and 0 where the position falls outside x. The element type does not matter: each (position,
+ * tap) is one copy of c * elem bytes, so `c_bytes` = c * sizeof(element). One pass over cols,
+ * which is written in memory order. torch's strided copy of the same view takes 5-8x longer
+ * (2 ms against 0.3 for the 128 x 16 x 16 x 32 bfloat16 activations of the dcgan network).
+ */
+#include <stdint.h>
+#include <string.h>
+
+void vaelab_im2col_nhwc(const char *restrict x, int64_t n, int64_t h, int64_t w, int64_t c_bytes,
+                        int64_t kh, int64_t kw, int64_t sh, int64_t sw, int64_t ph, int64_t pw,
+                        int64_t ho, int64_t wo, char *restrict cols) {
+  const int64_t row = w * c_bytes, image = h * row;
+  for (int64_t b = 0; b < n; b++) {
+    const char *img = x + b * image;
+    for (int64_t oy = 0; oy < ho; oy++) {
+      for (int64_t ox = 0; ox < wo; ox++) {
+        const int64_t x0 = ox * sw - pw;
+        for (int64_t ky = 0; ky < kh; ky++) {
+          const int64_t iy = oy * sh + ky - ph;
+          if (iy < 0 || iy >= h) {
+            memset(cols, 0, (size_t)(kw * c_bytes));
+            cols += kw * c_bytes;
+            continue;
+          }
+          const char *src = img + iy * row;
+          int64_t kx = 0;
+          for (; kx < kw && x0 + kx < 0; kx++, cols += c_bytes) memset(cols, 0, (size_t)c_bytes);
+          int64_t inside = kw - kx;
+          if (x0 + kw > w) inside = w - (x0 + kx);
+          if (inside > 0) { /* neighbouring taps are neighbouring pixels: one copy */
+            memcpy(cols, src + (x0 + kx) * c_bytes, (size_t)(inside * c_bytes));
+            cols += inside * c_bytes;
+            kx += inside;
+          }
+          for (; kx < kw; kx++, cols += c_bytes) memset(cols, 0, (size_t)c_bytes);
+        }
+      }
+    }
+  }
+}
