@@ -105,3 +105,50 @@ def test_lean_zero_grad_and_shared_step_counters():
     other.load_state_dict(torch.load(buf, weights_only=True))
     assert [float(other.state[p]["step"]) for p in other.param_groups[0]["params"]] == [4.0] * 4
     opt.zero_grad(set_to_none=False)  # the general path: nothing to zero, no error
+
+
+@pytest.mark.parametrize("grad_layout", ["same", "nchw"])
+def test_channels_last_parameters_take_flat_views(grad_layout, monkeypatch):
+    """Channels-last weights (as fit() lays out conv networks) reach the fused kernel as flat
+    views of their memory (no contiguous copies): the numbers of torch's fused Adam. A gradient
+    in another layout is put in its parameter's layout first: the numbers of the plain
+    (for-loop) Adam; torch 2.13's fused kernel mixes up such elements (checked below)."""
+    cl = torch.channels_last
+
+    def make():
+        g = torch.Generator().manual_seed(3)
+        w = torch.randn(6, 4, 3, 3, generator=g).contiguous(memory_format=cl).requires_grad_()
+        return [w, torch.randn(6, generator=g).requires_grad_()]
+
+    pa, pb, pc = make(), make(), make()
+    fused = torch.optim.Adam(pa, lr=1e-2, fused=True)
+    ours = FusedAdam(pb, lr=1e-2)
+    plain = torch.optim.Adam(pc, lr=1e-2, foreach=False)
+    calls = []
+    kernel = torch._fused_adam_
+
+    def spy(params, grads, *args, **kwargs):
+        calls.append([t.is_contiguous() for t in params + grads])
+        return kernel(params, grads, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_fused_adam_", spy)
+    for step in range(5):
+        g = torch.Generator().manual_seed(50 + step)
+        grads = [torch.randn(p.shape, generator=g) for p in pa]
+        for ps in (pa, pb, pc):  # the first step creates the state: the parameters' layout
+            for p, gr in zip(ps, grads):
+                other = grad_layout == "nchw" and step > 0
+                p.grad = gr.clone() if other or gr.dim() < 4 else gr.clone(memory_format=cl)
+        fused.step()
+        calls.clear()
+        ours.step()
+        plain.step()
+        if step > 0:  # the lean step: no contiguous copies
+            assert calls and all(all(c) for c in calls)
+        assert pb[0].is_contiguous(memory_format=cl)
+        if grad_layout == "same":
+            assert _same(pa, pb)
+        else:
+            assert all(torch.allclose(q, r, rtol=1e-6, atol=1e-7) for q, r in zip(pb, pc))
+    if grad_layout == "nchw":
+        assert not torch.allclose(pa[0], pc[0], rtol=1e-4)  # torch's kernel, mixed layouts
