@@ -146,7 +146,9 @@ def test_where_torchs_own_runs():
 @pytest.mark.skipif(not HAVE_IM2COL, reason=f"no kernel: {native.why_not('im2col')}")
 def test_im2col_kernel_equals_the_strided_view():
     """csrc/im2col.c (channels-last input) gives the torch gather of the same view, for
-    kernels, strides, paddings (and 0 padding at the edges), sizes and element types."""
+    kernels, strides, paddings (and 0 padding at the edges), sizes, element types and thread
+    counts."""
+    before = torch.get_num_threads()
     for c, h, w, k, s, p in itertools.product(
         [1, 3, 16], [1, 5], [2, 7], [1, 2, 3, 4], [1, 2, 3], [0, 1, 2]
     ):
@@ -155,9 +157,14 @@ def test_im2col_kernel_equals_the_strided_view():
         ho, wo = (h + 2 * p - k) // s + 1, (w + 2 * p - k) // s + 1
         for dtype in (torch.float32, torch.bfloat16):
             x = torch.randn(2, c, h, w).to(dtype)
-            got = columns(x.contiguous(memory_format=CL), (k, k), (s, s), (p, p), (ho, wo))
             want = columns(x, (k, k), (s, s), (p, p), (ho, wo))  # NCHW: torch's gather
-            assert got.dtype == dtype and torch.equal(got, want), (c, h, w, k, s, p, dtype)
+            for threads in (1, 2):  # output rows shared by threads
+                torch.set_num_threads(threads)
+                try:
+                    got = columns(x.contiguous(memory_format=CL), (k, k), (s, s), (p, p), (ho, wo))
+                finally:
+                    torch.set_num_threads(before)
+                assert got.dtype == dtype and torch.equal(got, want), (c, h, w, k, s, p, dtype)
 
 
 def test_columns_times_weight_is_the_convolution():
@@ -171,7 +178,8 @@ def test_columns_times_weight_is_the_convolution():
 @pytest.mark.skipif(not HAVE_CONVT, reason=f"no kernel: {native.why_not('convt')}")
 def test_one_channel_kernel_is_torchs_transposed_convolution():
     """csrc/convt.c for kernels, strides, paddings, output paddings, input channels (multiples
-    of 16, odd vector counts too) and output channels (the kernel takes any count)."""
+    of 16, odd vector counts too), output channels (the kernel takes any count) and thread
+    counts."""
     forward = native.convt_forward()
     for ci, co, k, s, p, op in [
         (16, 1, 4, 2, 1, 0),
@@ -183,14 +191,18 @@ def test_one_channel_kernel_is_torchs_transposed_convolution():
         x = torch.randn(3, ci, 5, 6).contiguous(memory_format=CL)
         weight, bias = torch.randn(ci, co, k, k), torch.randn(co)
         want = F.conv_transpose2d(x, weight, bias, s, p, op)
-        got = torch.empty(want.shape).contiguous(memory_format=CL)
         wt = weight.permute(2, 3, 1, 0).contiguous()
         n, _, hi, wi = x.shape
-        forward(
-            x.data_ptr(), n, hi, wi, ci, wt.data_ptr(), co, k, k, s, s, p, p,
-            *want.shape[2:], bias.data_ptr(), got.data_ptr(),
-        )  # fmt: skip
-        assert _rel(got, want) < 1e-5, (ci, co, k, s, p, op)
+        outs = []
+        for threads in (1, 2, 3):  # rows shared by threads: the same numbers
+            got = torch.empty(want.shape).contiguous(memory_format=CL)
+            forward(
+                x.data_ptr(), n, hi, wi, ci, wt.data_ptr(), co, k, k, s, s, p, p,
+                *want.shape[2:], bias.data_ptr(), got.data_ptr(), threads,
+            )  # fmt: skip
+            outs.append(got)
+        assert _rel(outs[0], want) < 1e-5, (ci, co, k, s, p, op)
+        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
 
 
 def test_without_the_kernels_the_layers_are_torchs(monkeypatch):

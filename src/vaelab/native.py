@@ -115,6 +115,19 @@ def _build(name: str, source: str, cc: str) -> Path:
     raise RuntimeError("could not compile " + name + ":\n" + "\n".join(errors))
 
 
+def _set_pool(lib: ctypes.CDLL) -> None:
+    """Give a library that shares work between threads (``csrc/pool.h``) the OpenMP runtime
+    torch uses: its kernels then run in torch's own thread pool."""
+    from vaelab.cpu import _openmp_library
+
+    omp = _openmp_library() if hasattr(lib, "vaelab_set_pool") else None
+    if omp is not None and hasattr(omp, "omp_get_thread_num"):
+        lib.vaelab_set_pool(
+            ctypes.cast(omp.GOMP_parallel, ctypes.c_void_p),
+            ctypes.cast(omp.omp_get_thread_num, ctypes.c_void_p),
+        )
+
+
 def load(name: str) -> ctypes.CDLL | None:
     """The compiled kernel library ``vaelab/csrc/NAME.c``, or ``None`` when unavailable
     (:func:`why_not` says why). Compiled at most once per process and machine."""
@@ -130,6 +143,7 @@ def load(name: str) -> ctypes.CDLL | None:
             try:
                 source = resources.files("vaelab").joinpath("csrc", f"{name}.c").read_text()
                 lib = ctypes.CDLL(str(_build(name, source, cc)))
+                _set_pool(lib)
             except (OSError, RuntimeError) as err:
                 _why_not[name] = str(err)
         _loaded[name] = lib
@@ -252,18 +266,18 @@ def dropout_kernel(dtype: torch.dtype, apply: bool = False):
 
 
 def im2col_kernel():
-    """``vaelab_im2col_nhwc(x, n, h, w, c_bytes, kh, kw, sh, sw, ph, pw, ho, wo, cols)`` of
-    ``csrc/im2col.c`` (the im2col columns of a channels-last image batch, any element type), or
-    None when unavailable."""
-    return function("im2col", "vaelab_im2col_nhwc", [_PTR, *[_I64] * 12, _PTR])
+    """``vaelab_im2col_nhwc(x, n, h, w, c_bytes, kh, kw, sh, sw, ph, pw, ho, wo, cols,
+    threads)`` of ``csrc/im2col.c`` (the im2col columns of a channels-last image batch, any
+    element type), or None when unavailable."""
+    return function("im2col", "vaelab_im2col_nhwc", [_PTR, *[_I64] * 12, _PTR, _I64])
 
 
 def convt_forward():
-    """``vaelab_convt_forward(x, n, hi, wi, ci, wt, co, kh, kw, sh, sw, ph, pw, ho, wo, bias, y)``
-    of ``csrc/convt.c`` (a float32 channels-last transposed convolution to few channels), or
-    None when unavailable."""
+    """``vaelab_convt_forward(x, n, hi, wi, ci, wt, co, kh, kw, sh, sw, ph, pw, ho, wo, bias, y,
+    threads)`` of ``csrc/convt.c`` (a float32 channels-last transposed convolution to few
+    channels), or None when unavailable."""
     return function(
-        "convt", "vaelab_convt_forward", [_PTR, *[_I64] * 4, _PTR, *[_I64] * 9, _PTR, _PTR]
+        "convt", "vaelab_convt_forward", [_PTR, *[_I64] * 4, _PTR, *[_I64] * 9, _PTR, _PTR, _I64]
     )
 
 
@@ -274,15 +288,7 @@ class SparseFirstLayer:
     (contiguous, on the CPU, of the dtypes named)."""
 
     def __init__(self, lib: ctypes.CDLL) -> None:
-        from vaelab.cpu import _openmp_library
-
         self._lib = lib
-        omp = _openmp_library()
-        if omp is not None and hasattr(omp, "omp_get_thread_num"):
-            lib.vaelab_sparse_set_pool(
-                ctypes.cast(omp.GOMP_parallel, ctypes.c_void_p),
-                ctypes.cast(omp.omp_get_thread_num, ctypes.c_void_p),
-            )
         lib.vaelab_count_nonzero.argtypes = [_PTR, _I64]
         lib.vaelab_count_nonzero.restype = _I64
         for fn, args in (

@@ -19,39 +19,20 @@
  * the number of threads.
  *
  * h and k must be multiples of 16 (vaelab.native.SparseFirstLayer.fits). Work is shared by
- * `threads` threads of the process's OpenMP pool when vaelab_sparse_set_pool has been given
+ * `threads` threads of the process's OpenMP pool when vaelab_set_pool (pool.h) has been given
  * libgomp's GOMP_parallel and omp_get_thread_num (the runtime torch itself uses), else done in
  * the calling thread. Without AVX512-BF16 at compile time only vaelab_sparse_available (0) and
- * vaelab_sparse_set_pool exist.
+ * vaelab_set_pool exist.
  */
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
 #include "bf16.h"
+#include "pool.h"
 
 #define W 16
 #define NB 8 /* vectors of outputs kept in registers at a time */
-
-typedef void (*region_fn)(void *);
-typedef void (*gomp_parallel_fn)(region_fn, void *, unsigned, unsigned);
-typedef int (*thread_num_fn)(void);
-static gomp_parallel_fn gomp_parallel;
-static thread_num_fn thread_num;
-
-void vaelab_sparse_set_pool(void *parallel, void *num) {
-  gomp_parallel = (gomp_parallel_fn)parallel;
-  thread_num = (thread_num_fn)num;
-}
-
-/* fn(job) on `threads` threads; each finds its index with tid(). */
-static void run(region_fn fn, void *job, int64_t threads) {
-  if (threads > 1 && gomp_parallel && thread_num)
-    gomp_parallel(fn, job, (unsigned)threads, 0);
-  else
-    fn(job);
-}
-static int tid(int64_t threads) { return (threads > 1 && gomp_parallel && thread_num) ? thread_num() : 0; }
 
 /* How many of x[0..n) are not 0 (a batch's density decides between these kernels and the dense
  * products). */

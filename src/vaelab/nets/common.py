@@ -173,7 +173,7 @@ def columns(x: torch.Tensor, kernel, stride, padding, out_size) -> torch.Tensor:
         cols = torch.empty(n * ho * wo, kh * kw * c, dtype=x.dtype)
         kernel_fn(
             x.data_ptr(), n, h, w, c * x.element_size(), kh, kw, sh, sw, ph, pw, ho, wo,
-            cols.data_ptr(),
+            cols.data_ptr(), torch.get_num_threads(),
         )  # fmt: skip
         return cols
     xp = F.pad(
@@ -253,6 +253,7 @@ class _OneChannelConvTranspose(torch.autograd.Function):
         kernel(
             x.data_ptr(), n, hi, wi, ci, wt.data_ptr(), co, kh, kw, sh, sw, ph, pw, ho, wo,
             None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
+            torch.get_num_threads(),
         )  # fmt: skip
         ctx.args = (layer.stride, layer.padding, (1, 1), True, layer.output_padding, 1)
         ctx.save_for_backward(x, weight)
