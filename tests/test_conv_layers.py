@@ -1,6 +1,6 @@
 """vaelab.nets.common.Conv2d / ConvTranspose2d: torch's layers with the CPU weight gradient of
 bfloat16 training as one matrix product over im2col columns (csrc/im2col.c), and the forward
-pass of float32 transposed convolutions to one channel in csrc/convt.c. Results must be
+pass of float32 transposed convolutions to at most 4 channels in csrc/convt.c. Results must be
 torch's: the same numbers in float32, within bfloat16 rounding under autocast."""
 
 from __future__ import annotations
@@ -56,10 +56,12 @@ LAYERS = [
     ("convT", 256, 128, 4, 2, 1, 0, 2),  # dcgan decoder
     ("convT", 64, 32, 3, 2, 1, 1, 7),  # conv decoder, output padding
     ("convT", 16, 8, 5, 3, 2, 2, 4),
-    ("convT", 32, 1, 4, 2, 1, 0, 16),  # dcgan output layer (one channel)
+    ("convT", 32, 1, 4, 2, 1, 0, 16),  # dcgan output layer (grey levels)
     ("convT", 32, 1, 3, 1, 1, 0, 9),  # conv output layer
     ("convT", 16, 1, 5, 3, 2, 1, 5),
-    ("convT", 32, 3, 4, 2, 1, 0, 8),  # three channels: torch's forward
+    ("convT", 32, 3, 4, 2, 1, 0, 8),  # dcgan output layer (RGB)
+    ("convT", 16, 4, 3, 2, 1, 1, 5),
+    ("convT", 32, 5, 4, 2, 1, 0, 8),  # five channels: torch's forward
     ("convT", 8, 1, 4, 2, 1, 0, 8),  # 8 input channels: torch's forward
 ]
 
@@ -116,7 +118,7 @@ def test_bf16_autocast_takes_the_product_and_matches_torch(kind, cin, cout, k, s
 
 def test_where_torchs_own_runs():
     """Few channels on the im2col side, float32 hidden layers, inference, and frozen weights
-    are torch's; the one-channel float32 forward runs in inference too."""
+    are torch's; the few-channel float32 forward runs in inference too."""
     x = torch.randn(2, 3, 16, 16).contiguous(memory_format=CL).requires_grad_()
     first = Conv2d(3, 8, 4, 2, 1).to(memory_format=CL)
     narrow = Conv2d(32, 64, 4, 2, 1).to(memory_format=CL)
@@ -134,6 +136,10 @@ def test_where_torchs_own_runs():
         assert "GemmConv" not in type(hidden(h).grad_fn).__name__
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         assert hidden(h).dtype == torch.bfloat16
+    if HAVE_CONVT:  # float32 output layers to 1-4 channels from a multiple of 16: the kernel
+        for cout, cin, taken in ((1, 16, True), (4, 32, True), (5, 16, False), (3, 8, False)):
+            y = ConvTranspose2d(cin, cout, 4, 2, 1)(torch.randn(2, cin, 4, 4, requires_grad=True))
+            assert ("FewChannel" in type(y.grad_fn).__name__) == taken, (cin, cout)
     out = ConvTranspose2d(16, 1, 4, 2, 1)
     ref = nn.ConvTranspose2d(16, 1, 4, 2, 1)
     ref.load_state_dict(out.state_dict())
@@ -187,6 +193,8 @@ def test_one_channel_kernel_is_torchs_transposed_convolution():
         (48, 2, 3, 2, 1, 1),
         (16, 3, 5, 3, 2, 2),
         (32, 1, 2, 2, 0, 0),
+        (32, 4, 4, 2, 1, 0),
+        (16, 6, 3, 2, 1, 1),  # two groups of channels (4 + 2)
     ]:
         x = torch.randn(3, ci, 5, 6).contiguous(memory_format=CL)
         weight, bias = torch.randn(ci, co, k, k), torch.randn(co)
@@ -216,7 +224,7 @@ def test_without_the_kernels_the_layers_are_torchs(monkeypatch):
         _, grads = _run(ours, x, g, True)  # the product over torch's gather
         assert all(_rel(a, b) < 2e-2 for a, b in zip(grads, g_ref))
         out = ConvTranspose2d(32, 1, 4, 2, 1)
-        assert "OneChannel" not in type(out(x.requires_grad_()).grad_fn).__name__
+        assert "FewChannel" not in type(out(x.requires_grad_()).grad_fn).__name__
     finally:
         monkeypatch.delenv("VAELAB_NATIVE")
         native._reset()

@@ -1,8 +1,9 @@
-/* The forward pass of a float32 transposed convolution to few channels, channels-last: a grey-level
- * decoder's output layer (vaelab.nets.common.ConvTranspose2d uses it for one channel). oneDNN
- * runs these slowly on the CPU (the dcgan network's 32 -> 1 layer: 3.3 ms for 33 MFLOP); here
- * each output pixel is a few dot products over the input channels (1.8 ms on one thread; the
- * output rows are shared by `threads` threads of the OpenMP pool, pool.h).
+/* The forward pass of a float32 transposed convolution to few channels, channels-last: a decoder's
+ * output layer (vaelab.nets.common.ConvTranspose2d uses it up to 4 channels). oneDNN runs these
+ * slowly on the CPU (the dcgan network's 32 -> 1 layer: 3.3 ms for 33 MFLOP); here each output
+ * pixel is a few dot products over the input channels, up to 4 channels sharing the loads of
+ * each tap (1.2 ms on two threads; the output rows are shared by `threads` threads of the
+ * OpenMP pool, pool.h).
  *
  * x (n, hi, wi, ci) and y (n, ho, wo, co) in memory order; the weight rearranged as
  * wt[(ky kw + kx) co + c][i] = weight[i, c, ky, kx] (torch's (ci, co, kh, kw) weight permuted to
@@ -10,9 +11,8 @@
  *
  *     y[b, oy, ox, c] = bias[c] + sum over the taps reaching (oy, ox) of x[b, iy, ix, :] . wt[tap, c]
  *
- * bias may be NULL. ci must be a multiple of 16 (vaelab.nets.common checks); any co works, but
- * from 3 channels oneDNN is faster. Every sum runs in a fixed order: results do not depend on
- * the number of threads.
+ * bias may be NULL. ci must be a multiple of 16 (vaelab.nets.common checks); any co works.
+ * Every sum runs in a fixed order: results do not depend on the number of threads.
  */
 #include <stdint.h>
 #include <stdlib.h>
@@ -51,24 +51,40 @@ static void convt_part(void *arg) {
     const int64_t ky0 = (oy + j->ph) % j->sh, iy0 = (oy + j->ph - ky0) / j->sh;
     float *y = j->y + r * j->wo * co;
     for (int64_t ox = 0; ox < j->wo; ox++, y += co)
-      for (int64_t c = 0; c < co; c++) {
-        vec a0 = {0}, a1 = {0}; /* two sums in flight */
+      for (int64_t c0 = 0; c0 < co; c0 += 4) { /* up to 4 channels share the taps' loads */
+        const int64_t m = co - c0 < 4 ? co - c0 : 4;
+        vec a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}; /* channel c0 + q: aq */
+        vec b0 = {0}, b1 = {0}, b2 = {0}, b3 = {0}; /* second sums in flight */
         for (int64_t ky = ky0, iy = iy0; ky < kh && iy >= 0; ky += j->sh, iy--) {
           if (iy >= hi) continue;
           for (int64_t kx = cols[2 * ox], ix = cols[2 * ox + 1]; kx < kw && ix >= 0;
                kx += j->sw, ix--) {
             if (ix >= wi) continue;
             const float *xp = j->x + ((b * hi + iy) * wi + ix) * ci;
-            const float *wp = j->wt + ((ky * kw + kx) * co + c) * ci;
-            int64_t i = 0;
-            for (; i + 2 * V <= ci; i += 2 * V) {
-              a0 += AT_C(xp + i) * AT_C(wp + i);
-              a1 += AT_C(xp + i + V) * AT_C(wp + i + V);
+            const float *wp = j->wt + ((ky * kw + kx) * co + c0) * ci;
+            for (int64_t i = 0; i < ci; i += 2 * V) {
+              const int two = i + V < ci;
+              const vec x0 = AT_C(xp + i), x1 = two ? AT_C(xp + i + V) : (vec){0};
+              a0 += x0 * AT_C(wp + i);
+              if (two) b0 += x1 * AT_C(wp + i + V);
+              if (m > 1) {
+                a1 += x0 * AT_C(wp + ci + i);
+                if (two) b1 += x1 * AT_C(wp + ci + i + V);
+              }
+              if (m > 2) {
+                a2 += x0 * AT_C(wp + 2 * ci + i);
+                if (two) b2 += x1 * AT_C(wp + 2 * ci + i + V);
+              }
+              if (m > 3) {
+                a3 += x0 * AT_C(wp + 3 * ci + i);
+                if (two) b3 += x1 * AT_C(wp + 3 * ci + i + V);
+              }
             }
-            if (i < ci) a0 += AT_C(xp + i) * AT_C(wp + i);
           }
         }
-        y[c] = (j->bias ? j->bias[c] : 0.0f) + sum(a0 + a1);
+        const float *bias = j->bias ? j->bias + c0 : NULL;
+        const vec sums[4] = {a0 + b0, a1 + b1, a2 + b2, a3 + b3};
+        for (int64_t q = 0; q < m; q++) y[c0 + q] = (bias ? bias[q] : 0.0f) + sum(sums[q]);
       }
   }
 }

@@ -236,9 +236,9 @@ class _GemmConv(torch.autograd.Function):
         return gx, gw, gb, None
 
 
-class _OneChannelConvTranspose(torch.autograd.Function):
-    """A float32 transposed convolution to one channel (a grey-level decoder's output layer)
-    whose forward pass is ``csrc/convt.c``; its gradients are torch's."""
+class _FewChannelConvTranspose(torch.autograd.Function):
+    """A float32 transposed convolution to at most 4 channels (a decoder's output layer: grey
+    levels or RGB) whose forward pass is ``csrc/convt.c``; its gradients are torch's."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, layer, kernel):
@@ -270,7 +270,7 @@ class _OneChannelConvTranspose(torch.autograd.Function):
 
 
 def _fast_conv(layer, x: torch.Tensor) -> torch.Tensor | None:
-    """``layer(x)`` by :class:`_OneChannelConvTranspose` or :class:`_GemmConv` where one of
+    """``layer(x)`` by :class:`_FewChannelConvTranspose` or :class:`_GemmConv` where one of
     them is the faster way on this CPU (see :class:`Conv2d`), else None (torch's own)."""
     if not (
         x.device.type == "cpu"
@@ -287,12 +287,12 @@ def _fast_conv(layer, x: torch.Tensor) -> torch.Tensor | None:
     if (
         transposed
         and not autocast
-        and layer.out_channels == 1  # 3 channels: 1.6x slower than oneDNN, as is
+        and layer.out_channels <= 4
         and layer.in_channels % 16 == 0
         and x.dtype == layer.weight.dtype == torch.float32
         and (kernel := native.convt_forward()) is not None
     ):
-        return _OneChannelConvTranspose.apply(x, layer.weight, layer.bias, layer, kernel)
+        return _FewChannelConvTranspose.apply(x, layer.weight, layer.bias, layer, kernel)
     if not (torch.is_grad_enabled() and layer.weight.requires_grad):
         return None
     # Where the product wins (benchmarks/bench_layers.py --part conv): bfloat16 only (oneDNN's
@@ -327,10 +327,11 @@ class Conv2d(nn.Conv2d):
 class ConvTranspose2d(nn.ConvTranspose2d):
     """:class:`torch.nn.ConvTranspose2d` (same arguments, state and results), faster on the
     CPU in two cases: in bfloat16 training the weight gradient is one matrix product (as
-    :class:`Conv2d`'s, with the im2col columns of the output gradient); a float32 layer to one
-    channel (a grey-level decoder's output layer, which vaelab keeps in float32 under bf16
-    autocast) runs its forward pass in ``csrc/convt.c``: 1.8 against 3.3 ms for the dcgan
-    network's 32 -> 1 layer at batch 128. Elsewhere, and with ``output_size``, torch's own."""
+    :class:`Conv2d`'s, with the im2col columns of the output gradient); a float32 layer to at
+    most 4 channels (a decoder's output layer, which vaelab keeps in float32 under bf16
+    autocast) runs its forward pass in ``csrc/convt.c``: on two threads 1.2 against 3.3 ms for
+    the dcgan network's 32 -> 1 layer at batch 128 (MNIST), 6.1 against 11.9 ms for its
+    32 -> 3 layer (3x64x64). Elsewhere, and with ``output_size``, torch's own."""
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         y = None if output_size is not None else _fast_conv(self, x)
