@@ -8,12 +8,15 @@
   3x64x64 inputs, channels-last), vaelab's ``Conv2d`` / ``ConvTranspose2d`` against torch's
   with the same weights, forward + backward (input and weight gradients) as ``fit()`` runs
   them: hidden layers under bf16 autocast, the decoder's output layer in float32; best of 3.
+* ``batchnorm``: batch norm + ReLU in training (batch statistics), forward + backward, at the
+  shapes of the ``dcgan`` network (batch 128, MNIST and 3x64x64, channels-last): vaelab's
+  ``BatchNormReLU2d`` against torch's ``BatchNorm2d`` then ``relu``, bfloat16 and float32.
 * ``allocator``: one training step (forward, backward, fused Adam) of the ``conv`` and
   ``dcgan`` networks in NHWC float32, the steps' page faults and milliseconds with glibc's
   default malloc and inside ``vaelab.cpu.freed_memory_kept()`` (as ``fit()`` runs), alternated
   in fresh processes.
 
-    python benchmarks/bench_layers.py [--part dropout|conv|allocator] [--steps 20]
+    python benchmarks/bench_layers.py [--part dropout|conv|batchnorm|allocator] [--steps 20]
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from _common import best_seconds
 from torch import nn
 
 from vaelab.cpu import freed_memory_kept
-from vaelab.nets.common import Conv2d, ConvTranspose2d, Dropout
+from vaelab.nets.common import BatchNormReLU2d, Conv2d, ConvTranspose2d, Dropout
 
 
 def best_ms(fn, calls: int = 10, blocks: int = 3) -> float:
@@ -126,6 +129,35 @@ def conv_part() -> None:
         )
 
 
+def batchnorm_part() -> None:
+    print("batch norm + ReLU, training, forward + backward, channels-last (ms, best of 3 x 10)")
+    print(f"{'shape':>20} {'dtype':>9} {'torch':>8} {'vaelab':>8} {'ratio':>6}")
+    shapes = [(128, 32, 16, 16), (128, 64, 8, 8), (128, 128, 4, 4), (128, 256, 2, 2)]
+    shapes += [(128, 32, 32, 32), (128, 64, 16, 16), (128, 128, 8, 8), (128, 256, 4, 4)]
+    for shape in shapes:
+        for dtype in (torch.bfloat16, torch.float32):
+            x = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+            x.requires_grad_()
+            g = torch.randn(shape).to(dtype).contiguous(memory_format=torch.channels_last)
+            times = []
+            for layer, relu in (
+                (nn.BatchNorm2d(shape[1]), True),
+                (BatchNormReLU2d(shape[1]), False),
+            ):
+
+                def step(layer=layer, relu=relu, x=x, g=g):
+                    y = layer(x)
+                    (torch.relu(y) if relu else y).backward(g)
+                    x.grad = layer.weight.grad = layer.bias.grad = None
+
+                times.append(best_ms(step))
+            name = "x".join(map(str, shape))
+            print(
+                f"{name:>20} {str(dtype)[6:]:>9} {times[0]:8.2f} {times[1]:8.2f} "
+                f"{times[0] / times[1]:5.2f}x"
+            )
+
+
 _STEP = """
 import json, resource, sys, time
 from contextlib import nullcontext
@@ -179,7 +211,9 @@ def allocator_part(steps: int, rounds: int) -> None:
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--part", choices=("dropout", "conv", "allocator", "all"), default="all")
+    p.add_argument(
+        "--part", choices=("dropout", "conv", "batchnorm", "allocator", "all"), default="all"
+    )
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--rounds", type=int, default=3)
     args = p.parse_args(argv)
@@ -190,6 +224,9 @@ def main(argv=None) -> None:
     if args.part in ("conv", "all"):
         with freed_memory_kept():
             conv_part()
+    if args.part in ("batchnorm", "all"):
+        with freed_memory_kept():
+            batchnorm_part()
     if args.part in ("allocator", "all"):
         allocator_part(args.steps, args.rounds)
 

@@ -281,6 +281,28 @@ def convt_forward():
     )
 
 
+def batchnorm_relu_kernels():
+    """``(vaelab_bn_relu_forward, vaelab_bn_relu_backward)`` of ``csrc/batchnorm.c`` (batch
+    normalisation with batch statistics followed by ReLU, channels-last float32 or bfloat16),
+    or None when unavailable. Arguments: ``forward(bf16, x, rows, c, gamma, beta, eps, y,
+    mean, var, invstd, threads)``, ``backward(bf16, x, gy, rows, c, gamma, beta, mean, invstd,
+    dx, dgamma, dbeta, threads)``; each returns 0, or -1 (c not a multiple of 16, no memory)."""
+    i32 = ctypes.c_int
+    fwd = function(
+        "batchnorm",
+        "vaelab_bn_relu_forward",
+        [i32, _PTR, _I64, _I64, _PTR, _PTR, ctypes.c_float, _PTR, _PTR, _PTR, _PTR, _I64],
+        i32,
+    )
+    bwd = function(
+        "batchnorm",
+        "vaelab_bn_relu_backward",
+        [i32, _PTR, _PTR, _I64, _I64, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _PTR, _I64],
+        i32,
+    )
+    return None if fwd is None else (fwd, bwd)
+
+
 class SparseFirstLayer:
     """The kernels of ``csrc/sparse.c``: a first Linear + ReLU layer whose input is mostly zeros,
     in bfloat16 products with float32 sums (AVX512-BF16). Work is shared by ``threads`` threads

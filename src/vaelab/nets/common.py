@@ -154,6 +154,101 @@ class Dropout(nn.Dropout):
         return super().forward(x)
 
 
+# ------------------------------------------------------------------ batch norm + ReLU
+
+
+def _ptr(t: torch.Tensor | None):
+    return None if t is None else t.data_ptr()
+
+
+class _NativeBatchNormReLU(torch.autograd.Function):
+    """relu(batch_norm(x)) with batch statistics by ``csrc/batchnorm.c`` (x channels-last); also
+    returns the batch mean and biased variance (for the running statistics; no gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, eps: float, kernels):
+        c = x.shape[1]
+        bf16 = int(x.dtype == torch.bfloat16)
+        y = torch.empty_like(x)
+        mean, var, invstd = torch.empty(c), torch.empty(c), torch.empty(c)
+        rc = kernels[0](
+            bf16, x.data_ptr(), x.numel() // c, c, _ptr(weight), _ptr(bias), eps, y.data_ptr(),
+            mean.data_ptr(), var.data_ptr(), invstd.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("csrc/batchnorm.c: out of memory")
+        ctx.bf16, ctx.kernels = bf16, kernels
+        ctx.save_for_backward(x, weight, bias, mean, invstd)
+        ctx.mark_non_differentiable(mean, var)
+        return y, mean, var
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, gy, _mean, _var):
+        x, weight, bias, mean, invstd = ctx.saved_tensors
+        c = x.shape[1]
+        if gy.dtype != x.dtype or gy.stride() != x.stride():
+            gy = torch.empty_like(x).copy_(gy)  # x's layout (channels-last) and dtype
+        dx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
+        dgamma = torch.empty(c) if weight is not None and ctx.needs_input_grad[1] else None
+        dbeta = torch.empty(c) if bias is not None and ctx.needs_input_grad[2] else None
+        rc = ctx.kernels[1](
+            ctx.bf16, x.data_ptr(), gy.data_ptr(), x.numel() // c, c, _ptr(weight), _ptr(bias),
+            mean.data_ptr(), invstd.data_ptr(), _ptr(dx), _ptr(dgamma), _ptr(dbeta),
+            torch.get_num_threads(),
+        )  # fmt: skip
+        if rc != 0:
+            raise MemoryError("csrc/batchnorm.c: out of memory")
+        return dx, dgamma, dbeta, None, None
+
+
+class BatchNormReLU2d(nn.BatchNorm2d):
+    """:class:`torch.nn.BatchNorm2d` followed by ReLU, in one layer (same arguments and state:
+    checkpoints load either way). On the CPU, with batch statistics (training), float32 or
+    bfloat16 input and a multiple of 16 channels, ``csrc/batchnorm.c`` normalises and applies
+    the ReLU in three passes forwards and two backwards, shared by torch's threads (numbers in
+    docs/benchmarks.md, ``benchmarks/bench_layers.py --part batchnorm``). Elsewhere (CUDA,
+    evaluation with running statistics, other dtypes) it is ``relu(BatchNorm2d(x))``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if (
+            (self.training or self.running_mean is None)
+            and x.device.type == "cpu"
+            and x.dim() == 4
+            and x.dtype in (torch.float32, torch.bfloat16)
+            and x.shape[1] % 16 == 0
+            and x.numel() > x.shape[1]  # one value a channel: torch's error
+            and (self.weight is None or self.weight.dtype == torch.float32)
+            and not torch.compiler.is_compiling()
+            and (kernels := native.batchnorm_relu_kernels()) is not None
+        ):
+            x = x.contiguous(memory_format=torch.channels_last)
+            y, mean, var = _NativeBatchNormReLU.apply(x, self.weight, self.bias, self.eps, kernels)
+            if self.training and self.track_running_stats:
+                with torch.no_grad():
+                    self.num_batches_tracked.add_(1)
+                    if self.momentum is None:  # cumulative average, as torch's
+                        factor = 1.0 / float(self.num_batches_tracked)
+                    else:
+                        factor = self.momentum
+                    n = x.numel() // x.shape[1]
+                    self.running_mean.lerp_(mean, factor)
+                    self.running_var.lerp_(var * (n / (n - 1)), factor)
+            return y
+        return F.relu(super().forward(x))
+
+
+def norm_activation(channels: int, act: str, batch_norm: bool) -> list[nn.Module]:
+    """The modules after a convolution: batch norm + activation, or the activation alone.
+    With ReLU the pair is one :class:`BatchNormReLU2d` and an ``nn.Identity`` that keeps the
+    layer indices (so the state-dict keys) of the two-module form."""
+    if not batch_norm:
+        return [activation(act)]
+    if act == "relu":
+        return [BatchNormReLU2d(channels), nn.Identity()]
+    return [nn.BatchNorm2d(channels), activation(act)]
+
+
 # ------------------------------------------------------------------ convolutions
 
 

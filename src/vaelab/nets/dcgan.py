@@ -20,7 +20,7 @@ from vaelab.nets.common import (
     GaussianHeads,
     PadTo,
     Reshape,
-    activation,
+    norm_activation,
     padded_size,
 )
 
@@ -34,9 +34,7 @@ class DCGANEncoder(nn.Module):
         prev = c
         for ch in channels:
             layers += [Conv2d(prev, ch, 4, stride=2, padding=1, bias=not bn)]
-            if bn:
-                layers.append(nn.BatchNorm2d(ch))
-            layers.append(activation(act))
+            layers += norm_activation(ch, act, bn)
             prev = ch
         n = 2 ** len(channels)
         layers.append(nn.Flatten())
@@ -60,13 +58,9 @@ def build_dcgan(cfg, shape: tuple[int, int, int], out_channels: int) -> tuple[nn
         nn.Linear(cfg.latent_dim, rev[0] * (hp // n) * (wp // n)),
         Reshape(rev[0], hp // n, wp // n),
     ]
-    if cfg.batch_norm:
-        layers.append(nn.BatchNorm2d(rev[0]))
-    layers.append(activation(cfg.activation))
+    layers += norm_activation(rev[0], cfg.activation, cfg.batch_norm)
     for a, b in zip(rev[:-1], rev[1:]):
         layers.append(ConvTranspose2d(a, b, 4, stride=2, padding=1, bias=not cfg.batch_norm))
-        if cfg.batch_norm:
-            layers.append(nn.BatchNorm2d(b))
-        layers.append(activation(cfg.activation))
+        layers += norm_activation(b, cfg.activation, cfg.batch_norm)
     layers += [ConvTranspose2d(rev[-1], out_channels, 4, stride=2, padding=1), CropTo(h, w)]
     return encoder, nn.Sequential(*layers)
