@@ -12,8 +12,9 @@ Each contender trains in its own fresh process, alternating A B A B over ``--rou
   images, shuffle=True, the model's decoder ending in a sigmoid, loss
   ``F.binary_cross_entropy(recon, x, reduction="sum")`` + the closed-form KL, ``loss.item()``
   every step, ``torch.optim.Adam(lr=1e-3)``. For conv/dcgan the same loop trains vaelab's own
-  encoder and decoder modules (sigmoid on the decoder's output), with torch's ``nn.Dropout``
-  in place of vaelab's (whose CPU kernel is part of what vaelab brings).
+  encoder and decoder modules (sigmoid on the decoder's output) with torch's own layers in
+  place of vaelab's C-kernel ones (Dropout, Conv2d, ConvTranspose2d, BatchNormReLU2d: what
+  those bring is part of what vaelab brings).
 * vaelab: ``fit()`` on the ``pytorch-examples`` preset (MLP 784-400-20, Bernoulli, Adam 1e-3,
   batch 128) with its default train settings (``--vaelab-set`` adds overrides); conv/dcgan use
   the same preset with ``model.arch`` changed. On a CPU with native bf16 the defaults run the
@@ -142,16 +143,22 @@ class ReferenceVAE(nn.Module):
 
 class ReferenceOf(nn.Module):
     """The pytorch/examples loop's model around vaelab's encoder and decoder modules, in plain
-    PyTorch: vaelab's Dropout layers (a C kernel on the CPU) are swapped for torch's own."""
+    PyTorch: vaelab's layers that subclass torch's (Dropout, Conv2d, ConvTranspose2d, with C
+    kernels on the CPU) become torch's own with the same state, and BatchNormReLU2d becomes
+    torch's BatchNorm2d followed by ReLU."""
 
     def __init__(self, vae) -> None:
         super().__init__()
         self.encoder, self.decoder = vae.encoder, vae.decoder
         for module in (self.encoder, self.decoder):
-            for parent in module.modules():
-                for name, child in parent.named_children():
-                    if isinstance(child, nn.Dropout) and type(child) is not nn.Dropout:
-                        setattr(parent, name, nn.Dropout(child.p))
+            for parent in list(module.modules()):
+                for name, child in list(parent.named_children()):
+                    if isinstance(child, nn.BatchNorm2d) and type(child) is not nn.BatchNorm2d:
+                        child.__class__ = nn.BatchNorm2d  # BatchNormReLU2d: the same state
+                        setattr(parent, name, nn.Sequential(child, nn.ReLU()))
+                    for base in (nn.Dropout, nn.Conv2d, nn.ConvTranspose2d):
+                        if isinstance(child, base) and type(child) is not base:
+                            child.__class__ = base  # vaelab's subclasses add no state
 
     def encode(self, x):
         return self.encoder(x)
