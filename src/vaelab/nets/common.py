@@ -392,7 +392,7 @@ def _fast_conv(layer, x: torch.Tensor) -> torch.Tensor | None:
         return None
     # Where the product wins (benchmarks/bench_layers.py --part conv): bfloat16 only (oneDNN's
     # float32 weight gradient is as fast), transposed layers to 8+ channels and convolutions
-    # from 64+ channels (from 32: 0.8-0.85x; from 1-3, an encoder's first layer: ~0.5x).
+    # from 64+ channels (from 32: 0.8-1.0x; from 1-3, an encoder's first layer: ~0.5x).
     if not autocast and layer.weight.dtype != x.dtype:
         return None  # torch's error
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
@@ -411,8 +411,8 @@ class Conv2d(nn.Conv2d):
     output gradient's rows against the input's im2col columns (``csrc/im2col.c``). oneDNN's
     bfloat16 weight gradient is its slow part: 3.5 against 1.3 ms for the dcgan network's
     128 -> 256 channel layer at batch 128 (``benchmarks/bench_layers.py --part conv``).
-    Float32 layers, layers whose input has fewer than 8 channels, CUDA, torch.compile and
-    inference are torch's own."""
+    Float32 layers, convolutions from fewer than 64 channels (where oneDNN's own is as fast),
+    CUDA, torch.compile and inference are torch's own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _fast_conv(self, x)
