@@ -141,22 +141,24 @@ static void total(const struct bn_job *j, int64_t threads, double *t1, double *t
     }
 }
 
-/* dtype: 0 float32, 1 bfloat16. gamma, beta may be NULL (no affine parameters); so may dx,
+/* One block for a call: each thread's sums and their totals (2 c (threads + 1) doubles), then
+ * `floats` x c floats; threads clamped to 1..MAX_THREADS. NULL when memory runs out. */
+static double *scratch(int64_t c, int64_t *threads, int64_t floats) {
+  if (*threads < 1) *threads = 1;
+  if (*threads > MAX_THREADS) *threads = MAX_THREADS;
+  return malloc(sizeof(double) * (size_t)(2 * c * (*threads + 1)) + sizeof(float) * (size_t)(floats * c));
+}
+
+/* bf16: 0 float32, 1 bfloat16. gamma, beta may be NULL (no affine parameters); so may dx,
  * dgamma, dbeta. Returns 0, or -1 when c is not a multiple of 16 or memory runs out. */
 int vaelab_bn_relu_forward(int bf16, const void *x, int64_t rows, int64_t c, const float *gamma,
                            const float *beta, float eps, void *y, float *mean, float *var,
                            float *invstd, int64_t threads) {
   if (c % V || rows < 1) return -1;
-  if (threads < 1) threads = 1;
-  if (threads > MAX_THREADS) threads = MAX_THREADS;
-  double *sums = malloc(sizeof(double) * (size_t)(2 * c * (threads + 1)));
-  float *aff = malloc(sizeof(float) * (size_t)(2 * c));
-  if (!sums || !aff) {
-    free(sums);
-    free(aff);
-    return -1;
-  }
+  double *sums = scratch(c, &threads, 2);
+  if (!sums) return -1;
   double *t1 = sums + 2 * c * threads, *t2 = t1 + c;
+  float *aff = (float *)(t2 + c);
   struct bn_job j = {.x = x, .rows = rows, .c = c, .threads = threads, .bf16 = bf16,
                      .mean = mean, .sums = sums};
   for (j.pass = 0; j.pass < 2; j.pass++) {
@@ -180,7 +182,6 @@ int vaelab_bn_relu_forward(int bf16, const void *x, int64_t rows, int64_t c, con
   j.out = y;
   run(write_part, &j, threads);
   free(sums);
-  free(aff);
   return 0;
 }
 
@@ -189,16 +190,10 @@ int vaelab_bn_relu_backward(int bf16, const void *x, const void *gy, int64_t row
                             const float *invstd, void *dx, float *dgamma, float *dbeta,
                             int64_t threads) {
   if (c % V || rows < 1) return -1;
-  if (threads < 1) threads = 1;
-  if (threads > MAX_THREADS) threads = MAX_THREADS;
-  double *sums = malloc(sizeof(double) * (size_t)(2 * c * (threads + 1)));
-  float *per = malloc(sizeof(float) * (size_t)(7 * c));
-  if (!sums || !per) {
-    free(sums);
-    free(per);
-    return -1;
-  }
+  double *sums = scratch(c, &threads, 7);
+  if (!sums) return -1;
   double *t1 = sums + 2 * c * threads, *t2 = t1 + c;
+  float *per = (float *)(t2 + c);
   float *xa = per, *xb = per + c, *ga = per + 2 * c, *gb = per + 3 * c, *k = per + 4 * c;
   float *mg = per + 5 * c, *mgx = per + 6 * c;
   for (int64_t i = 0; i < c; i++) {
@@ -224,6 +219,5 @@ int vaelab_bn_relu_backward(int bf16, const void *x, const void *gy, int64_t row
     run(write_part, &j, threads);
   }
   free(sums);
-  free(per);
   return 0;
 }
