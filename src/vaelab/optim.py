@@ -14,7 +14,8 @@ scaler) calls the fused kernel directly with cached lists. Anything else goes th
 ``torch.optim.Adam.step`` unchanged. Channels-last parameters (the conv networks' weights, as
 ``fit()`` lays them out) reach the kernel as flat views of their memory: the fused kernel wants
 contiguous tensors and would otherwise copy each one (parameter, gradient and both moments)
-to a contiguous clone and back, ~1.5 ms a step for the dcgan network.
+to a contiguous clone and back (a step for the dcgan network's parameters: 0.98 against
+0.43 ms).
 """
 
 from __future__ import annotations
@@ -35,8 +36,9 @@ def _dense(t: torch.Tensor) -> bool:
 
 
 def _flat(t: torch.Tensor) -> torch.Tensor:
-    """The 1-d view of a dense tensor's memory, in memory order."""
-    return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    """The 1-d view of a dense tensor's memory, in memory order (detached: the optimizer
+    writes through it)."""
+    return t.detach().as_strided((t.numel(),), (1,), t.storage_offset())
 
 
 class FusedAdam(torch.optim.Adam):
