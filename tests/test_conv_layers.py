@@ -89,7 +89,7 @@ def test_float32_results_are_torchs(kind, cin, cout, k, s, p, op, h, layout, bia
     "kind,cin,cout,k,s,p,op,h",
     [
         ("conv", 64, 128, 4, 2, 1, 0, 8),  # dcgan encoder
-        ("conv", 64, 80, 3, 1, 1, 0, 7),
+        ("conv", 64, 80, 3, 2, 0, 0, 7),
         ("conv", 96, 16, 5, 3, 2, 0, 11),
         ("convT", 256, 128, 4, 2, 1, 0, 2),  # dcgan decoder
         ("convT", 64, 32, 3, 2, 1, 1, 7),  # conv decoder, output padding
@@ -97,8 +97,9 @@ def test_float32_results_are_torchs(kind, cin, cout, k, s, p, op, h, layout, bia
     ],
 )
 def test_bf16_autocast_takes_the_product_and_matches_torch(kind, cin, cout, k, s, p, op, h):
-    """Under bf16 autocast convolutions from 64+ channels and transposed ones to 8+ channels
-    compute the weight gradient as one product: results within bf16 rounding of torch's."""
+    """Under bf16 autocast strided convolutions from 64+ channels and transposed ones to 8+
+    channels compute the weight gradient as one product: results within bf16 rounding of
+    torch's."""
     ref, ours = (m.to(memory_format=CL) for m in _pair(kind, cin, cout, k, s, p, op))
     x = torch.randn(4, cin, h, h).contiguous(memory_format=CL)
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -123,9 +124,12 @@ def test_where_torchs_own_runs():
     first = Conv2d(3, 8, 4, 2, 1).to(memory_format=CL)
     narrow = Conv2d(32, 64, 4, 2, 1).to(memory_format=CL)
     x32 = torch.randn(2, 32, 8, 8).contiguous(memory_format=CL).requires_grad_()
+    unstrided = Conv2d(64, 64, 3, 1, 1).to(memory_format=CL)  # the resnet blocks' layers
+    x64 = torch.randn(2, 64, 8, 8).contiguous(memory_format=CL).requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert "GemmConv" not in type(first(x).grad_fn).__name__
         assert "GemmConv" not in type(narrow(x32).grad_fn).__name__
+        assert "GemmConv" not in type(unstrided(x64).grad_fn).__name__
     with pytest.raises(RuntimeError):  # bf16 input, float32 weight, no autocast: torch's error
         Conv2d(64, 8, 3)(torch.randn(2, 64, 8, 8, dtype=torch.bfloat16, requires_grad=True))
     hidden = ConvTranspose2d(16, 8, 4, 2, 1)

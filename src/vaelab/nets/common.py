@@ -391,13 +391,14 @@ def _fast_conv(layer, x: torch.Tensor) -> torch.Tensor | None:
     if not (torch.is_grad_enabled() and layer.weight.requires_grad):
         return None
     # Where the product wins (benchmarks/bench_layers.py --part conv): bfloat16 only (oneDNN's
-    # float32 weight gradient is as fast), transposed layers to 8+ channels and convolutions
-    # from 64+ channels (from 32: 0.8-1.0x; from 1-3, an encoder's first layer: ~0.5x).
+    # float32 weight gradient is as fast), strided layers (the resnet network's stride-1 3x3
+    # convolutions, 9x larger columns, trained 1.27x slower), transposed layers to 8+ channels
+    # and convolutions from 64+ channels (from 32: 0.8-1.0x; from 1-3: ~0.5x).
     if not autocast and layer.weight.dtype != x.dtype:
         return None  # torch's error
     dtype = torch.get_autocast_dtype("cpu") if autocast else x.dtype
     wide = layer.out_channels >= 8 if transposed else layer.in_channels >= 64
-    if not (wide and dtype == torch.bfloat16):
+    if not (wide and dtype == torch.bfloat16 and tuple(layer.stride) != (1, 1)):
         return None
     w, b = layer.weight.to(dtype), layer.bias
     x, b = x.to(dtype), None if b is None else b.to(dtype)
@@ -411,8 +412,8 @@ class Conv2d(nn.Conv2d):
     output gradient's rows against the input's im2col columns (``csrc/im2col.c``). oneDNN's
     bfloat16 weight gradient is its slow part: 3.5 against 1.3 ms for the dcgan network's
     128 -> 256 channel layer at batch 128 (``benchmarks/bench_layers.py --part conv``).
-    Float32 layers, convolutions from fewer than 64 channels (where oneDNN's own is as fast),
-    CUDA, torch.compile and inference are torch's own."""
+    Float32 layers, stride-1 layers, convolutions from fewer than 64 channels (where oneDNN's
+    own is as fast), CUDA, torch.compile and inference are torch's own."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = _fast_conv(self, x)
@@ -421,8 +422,9 @@ class Conv2d(nn.Conv2d):
 
 class ConvTranspose2d(nn.ConvTranspose2d):
     """:class:`torch.nn.ConvTranspose2d` (same arguments, state and results), faster on the
-    CPU in two cases: in bfloat16 training the weight gradient is one matrix product (as
-    :class:`Conv2d`'s, with the im2col columns of the output gradient); a float32 layer to at
+    CPU in two cases: in bfloat16 training of a strided layer to 8+ channels the weight gradient
+    is one matrix product (as :class:`Conv2d`'s, with the im2col columns of the output
+    gradient); a float32 layer to at
     most 4 channels (a decoder's output layer, which vaelab keeps in float32 under bf16
     autocast) runs its forward pass in ``csrc/convt.c``: on two threads 1.2 against 3.3 ms for
     the dcgan network's 32 -> 1 layer at batch 128 (MNIST), 6.1 against 11.9 ms for its
