@@ -21,14 +21,9 @@
 #include <string.h>
 
 #include "pool.h"
+#include "vec.h"
 
-#define V 16
 #define MAX_THREADS 64
-
-typedef float vec __attribute__((vector_size(4 * V), aligned(4), may_alias));
-typedef uint32_t uvec __attribute__((vector_size(4 * V)));
-typedef int32_t ivec __attribute__((vector_size(4 * V)));
-typedef uint16_t hvec __attribute__((vector_size(2 * V), aligned(2), may_alias));
 
 /* V elements at p as float32: p holds float32 or (bf16 != 0) bfloat16; stores round to nearest
  * even, NaN stays NaN (as bf16.h's narrow). */
@@ -69,7 +64,6 @@ struct bn_job {
   double *sums; /* threads x 2c: each thread's two sums */
 };
 
-#define AT(p, ch) (*(const vec *)((p) + (ch)))
 
 /* pass 0: sums of x; 1: sums of (x - mean)^2; 2 (backward): sums of m and m xhat */
 static void sums_part(void *arg) {
@@ -89,11 +83,11 @@ static void sums_part(void *arg) {
         if (j->pass == 0) {
           q1 += v;
         } else if (j->pass == 1) {
-          const vec d = v - AT(j->mean, ch);
+          const vec d = v - LOADV(j->mean + ch);
           q1 += d * d;
         } else {
-          const vec xhat = v * AT(j->xa, ch) + AT(j->xb, ch);
-          const vec m = where_positive(xhat * AT(j->ga, ch) + AT(j->gb, ch), load(j->gy + at, j->bf16));
+          const vec xhat = v * LOADV(j->xa + ch) + LOADV(j->xb + ch);
+          const vec m = where_positive(xhat * LOADV(j->ga + ch) + LOADV(j->gb + ch), load(j->gy + at, j->bf16));
           q1 += m;
           q2 += m * xhat;
         }
@@ -119,12 +113,12 @@ static void write_part(void *arg) {
   for (int64_t r = from; r < to; r++)
     for (int64_t ch = 0; ch < c; ch += V) {
       const int64_t at = (r * c + ch) * size;
-      const vec v = load(j->x + at, j->bf16) * AT(j->xa, ch) + AT(j->xb, ch);
+      const vec v = load(j->x + at, j->bf16) * LOADV(j->xa + ch) + LOADV(j->xb + ch);
       if (!j->gy) {
         store(j->out + at, where_positive(v, v), j->bf16);
       } else {
-        const vec m = where_positive(v * AT(j->ga, ch) + AT(j->gb, ch), load(j->gy + at, j->bf16));
-        store(j->out + at, AT(j->k, ch) * (m - AT(j->mg, ch) - v * AT(j->mgx, ch)), j->bf16);
+        const vec m = where_positive(v * LOADV(j->ga + ch) + LOADV(j->gb + ch), load(j->gy + at, j->bf16));
+        store(j->out + at, LOADV(j->k + ch) * (m - LOADV(j->mg + ch) - v * LOADV(j->mgx + ch)), j->bf16);
       }
     }
 }

@@ -19,19 +19,7 @@
 #include <string.h>
 
 #include "pool.h"
-
-#define V 16 /* ci is a multiple of V: the loops run over vectors of V floats */
-
-/* V floats as one value (one AVX-512 register, or two or four narrower ones): GCC and clang's
- * vector extension, loaded from and stored to any float address. */
-typedef float vec __attribute__((vector_size(4 * V), aligned(4), may_alias));
-#define AT_C(p) (*(const vec *)(p))
-
-static inline float sum(vec v) {
-  float s = 0.0f;
-  for (int j = 0; j < V; j++) s += v[j];
-  return s;
-}
+#include "vec.h" /* ci is a multiple of V: the loops run over vectors of V floats */
 
 struct convt_job {
   const float *x, *wt, *bias;
@@ -64,27 +52,27 @@ static void convt_part(void *arg) {
             const float *wp = j->wt + ((ky * kw + kx) * co + c0) * ci;
             for (int64_t i = 0; i < ci; i += 2 * V) {
               const int two = i + V < ci;
-              const vec x0 = AT_C(xp + i), x1 = two ? AT_C(xp + i + V) : (vec){0};
-              a0 += x0 * AT_C(wp + i);
-              if (two) b0 += x1 * AT_C(wp + i + V);
+              const vec x0 = LOADV(xp + i), x1 = two ? LOADV(xp + i + V) : (vec){0};
+              a0 += x0 * LOADV(wp + i);
+              if (two) b0 += x1 * LOADV(wp + i + V);
               if (m > 1) {
-                a1 += x0 * AT_C(wp + ci + i);
-                if (two) b1 += x1 * AT_C(wp + ci + i + V);
+                a1 += x0 * LOADV(wp + ci + i);
+                if (two) b1 += x1 * LOADV(wp + ci + i + V);
               }
               if (m > 2) {
-                a2 += x0 * AT_C(wp + 2 * ci + i);
-                if (two) b2 += x1 * AT_C(wp + 2 * ci + i + V);
+                a2 += x0 * LOADV(wp + 2 * ci + i);
+                if (two) b2 += x1 * LOADV(wp + 2 * ci + i + V);
               }
               if (m > 3) {
-                a3 += x0 * AT_C(wp + 3 * ci + i);
-                if (two) b3 += x1 * AT_C(wp + 3 * ci + i + V);
+                a3 += x0 * LOADV(wp + 3 * ci + i);
+                if (two) b3 += x1 * LOADV(wp + 3 * ci + i + V);
               }
             }
           }
         }
         const float *bias = j->bias ? j->bias + c0 : NULL;
         const vec sums[4] = {a0 + b0, a1 + b1, a2 + b2, a3 + b3};
-        for (int64_t q = 0; q < m; q++) y[c0 + q] = (bias ? bias[q] : 0.0f) + sum(sums[q]);
+        for (int64_t q = 0; q < m; q++) y[c0 + q] = (bias ? bias[q] : 0.0f) + lanes_sum(sums[q]);
       }
   }
 }
