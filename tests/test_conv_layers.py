@@ -1,7 +1,7 @@
 """vaelab.nets.common.Conv2d / ConvTranspose2d: torch's layers with the CPU weight gradient of
-bfloat16 training as one matrix product over im2col columns (csrc/im2col.c), and the forward
-pass of float32 transposed convolutions to at most 4 channels in csrc/convt.c. Results must be
-torch's: the same numbers in float32, within bfloat16 rounding under autocast."""
+bfloat16 training as one matrix product over im2col columns (csrc/im2col.c), and float32
+transposed convolutions to at most 4 channels (forward and backward) in csrc/convt.c. Results
+must be torch's: the same numbers in float32, within bfloat16 rounding under autocast."""
 
 from __future__ import annotations
 
@@ -185,36 +185,150 @@ def test_columns_times_weight_is_the_convolution():
     assert _rel(y.permute(0, 3, 1, 2), F.conv2d(x, weight, stride=2, padding=1)) < 1e-5
 
 
+CONVT_CASES = [  # in, out channels, kernel, stride, padding, output padding
+    (16, 1, 4, 2, 1, 0),
+    (32, 1, 3, 1, 1, 0),
+    (48, 2, 3, 2, 1, 1),
+    (16, 3, 5, 3, 2, 2),
+    (32, 1, 2, 2, 0, 0),
+    (32, 4, 4, 2, 1, 0),
+    (80, 3, 4, 2, 1, 0),  # 5 vectors of input channels (4 + 1 in the input gradient)
+    (16, 4, 5, 1, 2, 0),  # 100 taps: 7 vectors
+    (16, 2, 8, 4, 2, 0),  # 128 taps, the most the kernels take
+]
+
+
+def _convt_args(x, weight, co, k, s, p, shape):
+    """The geometry arguments of csrc/convt.c's entry points."""
+    n, ci, hi, wi = x.shape
+    return (n, hi, wi, ci), (co, k, k, s, s, p, p, *shape)
+
+
 @pytest.mark.skipif(not HAVE_CONVT, reason=f"no kernel: {native.why_not('convt')}")
-def test_one_channel_kernel_is_torchs_transposed_convolution():
-    """csrc/convt.c for kernels, strides, paddings, output paddings, input channels (multiples
-    of 16, odd vector counts too), output channels (the kernel takes any count) and thread
-    counts."""
-    forward = native.convt_forward()
-    for ci, co, k, s, p, op in [
-        (16, 1, 4, 2, 1, 0),
-        (32, 1, 3, 1, 1, 0),
-        (48, 2, 3, 2, 1, 1),
-        (16, 3, 5, 3, 2, 2),
-        (32, 1, 2, 2, 0, 0),
-        (32, 4, 4, 2, 1, 0),
-        (16, 6, 3, 2, 1, 1),  # two groups of channels (4 + 2)
-    ]:
-        x = torch.randn(3, ci, 5, 6).contiguous(memory_format=CL)
-        weight, bias = torch.randn(ci, co, k, k), torch.randn(co)
+def test_few_channel_kernels_are_torchs_transposed_convolution():
+    """csrc/convt.c's forward pass and both gradients = torch's, for kernels, strides, paddings,
+    output paddings, channel counts and tap counts up to the 128 it takes, and the same
+    numbers for 1, 2 and 3 threads (images shared, the weight gradient summed image by
+    image); the output gradient in any strides; a gradient not asked for is not written."""
+    forward, backward = native.convt_forward(), native.convt_backward()
+    for ci, co, k, s, p, op in CONVT_CASES:
+        torch.manual_seed(ci + co + k)
+        x = torch.randn(3, ci, 5, 6, dtype=torch.float64)
+        weight, bias = torch.randn(ci, co, k, k, dtype=torch.float64), torch.randn(co).double()
+        x.requires_grad_(), weight.requires_grad_()
         want = F.conv_transpose2d(x, weight, bias, s, p, op)
-        wt = weight.permute(2, 3, 1, 0).contiguous()
-        n, _, hi, wi = x.shape
-        outs = []
-        for threads in (1, 2, 3):  # rows shared by threads: the same numbers
-            got = torch.empty(want.shape).contiguous(memory_format=CL)
-            forward(
-                x.data_ptr(), n, hi, wi, ci, wt.data_ptr(), co, k, k, s, s, p, p,
-                *want.shape[2:], bias.data_ptr(), got.data_ptr(), threads,
-            )  # fmt: skip
-            outs.append(got)
-        assert _rel(outs[0], want) < 1e-5, (ci, co, k, s, p, op)
-        assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+        gy = torch.randn_like(want)
+        want_gx, want_gw = torch.autograd.grad(want, (x, weight), gy)
+        x32 = x.detach().float().contiguous(memory_format=CL)
+        taps = k * k * co
+        w = torch.zeros(ci, -(-taps // 16) * 16)
+        w[:, :taps] = weight.detach().float().permute(0, 2, 3, 1).reshape(ci, taps)
+        wg = weight.detach().float().permute(2, 3, 1, 0).reshape(taps, ci).contiguous()
+        image, geometry = _convt_args(x32, weight, co, k, s, p, want.shape[2:])
+        for layout in ("nhwc", "nchw", "sliced"):
+            g = gy.float()
+            if layout == "nhwc":
+                g = g.contiguous(memory_format=CL)
+            elif layout == "sliced":  # a view with a storage offset and padded rows
+                g = F.pad(g, (1, 2, 0, 0))[..., 1:-2]
+            strides = torch.tensor(g.stride(), dtype=torch.int64)
+            outs = []
+            for threads in (1, 2, 3):
+                y = torch.empty(want.shape).contiguous(memory_format=CL)
+                gx = torch.full_like(x32, float("nan"))
+                gw = torch.full_like(w, float("nan"))
+                assert (
+                    forward(
+                        x32.data_ptr(),
+                        *image,
+                        w.data_ptr(),
+                        *geometry,
+                        bias.float().data_ptr(),
+                        y.data_ptr(),
+                        threads,
+                    )  # fmt: skip
+                    == 0
+                )
+                assert (
+                    backward(
+                        x32.data_ptr(),
+                        g.data_ptr(),
+                        strides.data_ptr(),
+                        *image,
+                        wg.data_ptr(),
+                        *geometry,
+                        gx.data_ptr(),
+                        gw.data_ptr(),
+                        threads,
+                    )  # fmt: skip
+                    == 0
+                )
+                outs.append((y, gx, gw))
+            y, gx, gw = outs[0]
+            case = (ci, co, k, s, p, op, layout)
+            assert _rel(y, want) < 1e-5, case
+            assert _rel(gx, want_gx) < 1e-5, case
+            assert _rel(gw[:, :taps].view(ci, k, k, co).permute(0, 3, 1, 2), want_gw) < 1e-5, case
+            assert torch.equal(gw[:, taps:], torch.zeros_like(gw[:, taps:])), case
+            for other in outs[1:]:
+                assert all(torch.equal(a, b) for a, b in zip(outs[0], other)), case
+        y, gx, gw = outs[0]  # either gradient alone (NULL for the other): the same numbers
+        only_gx, only_gw = torch.empty_like(gx), torch.empty_like(gw)
+        for a, b in ((only_gx, None), (None, only_gw)):
+            assert backward(
+                x32.data_ptr(), g.data_ptr(), strides.data_ptr(), *image, wg.data_ptr(),
+                *geometry, a if a is None else a.data_ptr(), b if b is None else b.data_ptr(), 2,
+            ) == 0  # fmt: skip
+        assert torch.equal(only_gx, gx) and torch.equal(only_gw, gw)
+    # sizes the kernels do not take: -1 (the layer then runs torch's own)
+    x32 = torch.randn(2, 16, 3, 3).contiguous(memory_format=CL)
+    image, geometry = _convt_args(x32, None, 5, 4, 2, 1, (6, 6))
+    y = torch.empty(2, 6, 6, 5)
+    assert forward(x32.data_ptr(), *image, y.data_ptr(), *geometry, None, y.data_ptr(), 1) == -1
+
+
+@pytest.mark.skipif(not HAVE_CONVT, reason=f"no kernel: {native.why_not('convt')}")
+def test_output_layer_gradients_are_torchs_in_training():
+    """The layer end to end: with and without bias, frozen weight, input without gradient,
+    an output gradient in NCHW (as a loss leaves it), and a second backward pass through a
+    retained graph."""
+    for bias in (True, False):
+        ref, ours = _pair("convT", 32, 3, 4, 2, 1, 0, bias)
+        ref, ours = ref.to(memory_format=CL), ours.to(memory_format=CL)
+        x = torch.randn(4, 32, 6, 6).contiguous(memory_format=CL)
+        g = torch.randn(4, 3, 12, 12)  # NCHW
+        y_ref, g_ref = _run(ref, x, g, False)
+        y, grads = _run(ours, x, g, False)
+        assert "FewChannel" in type(ours(x.requires_grad_()).grad_fn).__name__
+        assert _rel(y, y_ref) < 1e-5
+        assert all(_rel(a, b) < 1e-5 for a, b in zip(grads, g_ref))
+        xr = x.detach().requires_grad_()
+        out = ours(xr)
+        first = torch.autograd.grad(out, xr, g, retain_graph=True)[0]
+        assert torch.equal(first, torch.autograd.grad(out, xr, g)[0])
+    ours.weight.requires_grad_(False)  # a frozen weight: the input gradient alone
+    xr = x.detach().requires_grad_()
+    (gx,) = torch.autograd.grad(ours(xr), [xr], g)
+    assert _rel(gx, g_ref[0]) < 1e-5
+    ours.weight.requires_grad_(True)  # an input without gradient: the weight's alone
+    (gw,) = torch.autograd.grad(ours(x.detach()), [ours.weight], g)
+    assert _rel(gw, g_ref[1]) < 1e-5
+
+
+@pytest.mark.skipif(not HAVE_CONVT, reason=f"no kernel: {native.why_not('convt')}")
+def test_output_layer_falls_back_to_torch_when_a_kernel_fails(monkeypatch):
+    """A kernel that returns -1 (out of memory) leaves the work to torch: the same results."""
+    ref, ours = _pair("convT", 16, 1, 4, 2, 1)
+    x = torch.randn(2, 16, 4, 4).contiguous(memory_format=CL)
+    g = torch.randn(2, 1, 8, 8)
+    y_ref, g_ref = _run(ref, x, g, False)
+    for which in ("convt_forward", "convt_backward"):
+        with monkeypatch.context() as m:
+            m.setattr(native, which, lambda: lambda *args: -1)
+            y, grads = _run(ours, x, g, False)
+            assert "FewChannel" in type(ours(x.requires_grad_()).grad_fn).__name__
+        assert _rel(y, y_ref) < 1e-5
+        assert all(_rel(a, b) < 1e-5 for a, b in zip(grads, g_ref)), which
 
 
 def test_without_the_kernels_the_layers_are_torchs(monkeypatch):

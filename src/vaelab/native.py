@@ -273,11 +273,28 @@ def im2col_kernel():
 
 
 def convt_forward():
-    """``vaelab_convt_forward(x, n, hi, wi, ci, wt, co, kh, kw, sh, sw, ph, pw, ho, wo, bias, y,
-    threads)`` of ``csrc/convt.c`` (a float32 channels-last transposed convolution to few
-    channels), or None when unavailable."""
+    """``vaelab_convt_forward(x, n, hi, wi, ci, w, co, kh, kw, sh, sw, ph, pw, ho, wo, bias, y,
+    threads) -> 0 | -1`` of ``csrc/convt.c`` (a float32 channels-last transposed convolution to
+    at most 4 channels; ``w`` is the weight as (ci, taps) padded to a multiple of 16 taps), or
+    None when unavailable."""
     return function(
-        "convt", "vaelab_convt_forward", [_PTR, *[_I64] * 4, _PTR, *[_I64] * 9, _PTR, _PTR, _I64]
+        "convt",
+        "vaelab_convt_forward",
+        [_PTR, *[_I64] * 4, _PTR, *[_I64] * 9, _PTR, _PTR, _I64],
+        ctypes.c_int,
+    )
+
+
+def convt_backward():
+    """``vaelab_convt_backward(x, gy, gy_strides, n, hi, wi, ci, wg, co, kh, kw, sh, sw, ph, pw,
+    ho, wo, gx, gw, threads) -> 0 | -1`` of ``csrc/convt.c`` (the input and weight gradients
+    of :func:`convt_forward`'s convolution; ``gx`` or ``gw`` may be NULL), or None when
+    unavailable."""
+    return function(
+        "convt",
+        "vaelab_convt_backward",
+        [_PTR, _PTR, _PTR, *[_I64] * 4, _PTR, *[_I64] * 9, _PTR, _PTR, _I64],
+        ctypes.c_int,
     )
 
 

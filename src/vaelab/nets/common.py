@@ -333,34 +333,59 @@ class _GemmConv(torch.autograd.Function):
 
 class _FewChannelConvTranspose(torch.autograd.Function):
     """A float32 transposed convolution to at most 4 channels (a decoder's output layer: grey
-    levels or RGB) whose forward pass is ``csrc/convt.c``; its gradients are torch's."""
+    levels or RGB), forward and backward in ``csrc/convt.c``. Where the kernel cannot run (out
+    of memory) torch's own computes the same."""
 
     @staticmethod
-    def forward(ctx, x, weight, bias, layer, kernel):
+    def forward(ctx, x, weight, bias, layer, kernels):
         x = x.contiguous(memory_format=torch.channels_last)
-        wt = weight.permute(2, 3, 1, 0).contiguous()  # (kh, kw, C_out, C_in)
         n, ci, hi, wi = x.shape
-        (kh, kw), (sh, sw), (ph, pw) = layer.kernel_size, layer.stride, layer.padding
-        co = layer.out_channels
+        _, co, kh, kw = weight.shape
+        (sh, sw), (ph, pw) = layer.stride, layer.padding
         ho = (hi - 1) * sh - 2 * ph + kh + layer.output_padding[0]
         wo = (wi - 1) * sw - 2 * pw + kw + layer.output_padding[1]
+        taps = kh * kw * co
+        w = weight.new_zeros(ci, -(-taps // 16) * 16)  # (ci, taps) padded to whole vectors
+        w[:, :taps] = weight.detach().permute(0, 2, 3, 1).reshape(ci, taps)
         y = torch.empty((n, co, ho, wo), memory_format=torch.channels_last)
-        kernel(
-            x.data_ptr(), n, hi, wi, ci, wt.data_ptr(), co, kh, kw, sh, sw, ph, pw, ho, wo,
-            None if bias is None else bias.contiguous().data_ptr(), y.data_ptr(),
+        geometry = (co, kh, kw, sh, sw, ph, pw, ho, wo)
+        ctx.args = (layer.stride, layer.padding, (1, 1), True, layer.output_padding, 1)
+        ctx.geometry, ctx.kernels = geometry, kernels
+        ctx.save_for_backward(x, weight)
+        status = kernels[0](
+            x.data_ptr(), n, hi, wi, ci, w.data_ptr(), *geometry,
+            None if bias is None else bias.detach().contiguous().data_ptr(), y.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
-        ctx.args = (layer.stride, layer.padding, (1, 1), True, layer.output_padding, 1)
-        ctx.save_for_backward(x, weight)
+        if status != 0:
+            return F.conv_transpose2d(x, weight, bias, *ctx.args[:2], layer.output_padding)
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, gy):
         x, weight = ctx.saved_tensors
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            gy, x, weight, [weight.shape[1]], *ctx.args, ctx.needs_input_grad[:3]
-        )
+        want_x, want_w, want_b = ctx.needs_input_grad[:3]
+        n, ci, hi, wi = x.shape
+        co, kh, kw = ctx.geometry[:3]
+        taps = kh * kw * co
+        gx = torch.empty_like(x) if want_x else None  # x is channels-last
+        gw = x.new_empty(ci, -(-taps // 16) * 16) if want_w else None
+        wg = weight.detach().permute(2, 3, 1, 0).reshape(taps, ci).contiguous()
+        strides = torch.tensor(gy.stride(), dtype=torch.int64)
+        status = ctx.kernels[1](
+            x.data_ptr(), gy.data_ptr(), strides.data_ptr(), n, hi, wi, ci, wg.data_ptr(),
+            *ctx.geometry, None if gx is None else gx.data_ptr(),
+            None if gw is None else gw.data_ptr(), torch.get_num_threads(),
+        )  # fmt: skip
+        if status != 0:
+            gx, gw, gb = torch.ops.aten.convolution_backward(
+                gy, x, weight, [co], *ctx.args, (want_x, want_w, want_b)
+            )
+            return gx, gw, gb, None, None
+        if gw is not None:  # (ci, kh, kw, co) -> torch's (ci, co, kh, kw)
+            gw = gw[:, :taps].view(ci, kh, kw, co).permute(0, 3, 1, 2)
+        gb = gy.sum((0, 2, 3)) if want_b else None
         return gx, gw, gb, None, None
 
 
@@ -385,9 +410,12 @@ def _fast_conv(layer, x: torch.Tensor) -> torch.Tensor | None:
         and layer.out_channels <= 4
         and layer.in_channels % 16 == 0
         and x.dtype == layer.weight.dtype == torch.float32
-        and (kernel := native.convt_forward()) is not None
+        and layer.kernel_size[0] * layer.kernel_size[1] * layer.out_channels <= 128
+        and (forward := native.convt_forward()) is not None
+        and (backward := native.convt_backward()) is not None
     ):
-        return _FewChannelConvTranspose.apply(x, layer.weight, layer.bias, layer, kernel)
+        kernels = (forward, backward)
+        return _FewChannelConvTranspose.apply(x, layer.weight, layer.bias, layer, kernels)
     if not (torch.is_grad_enabled() and layer.weight.requires_grad):
         return None
     # Where the product wins (benchmarks/bench_layers.py --part conv): bfloat16 only (oneDNN's
@@ -424,11 +452,13 @@ class ConvTranspose2d(nn.ConvTranspose2d):
     """:class:`torch.nn.ConvTranspose2d` (same arguments, state and results), faster on the
     CPU in two cases: in bfloat16 training of a strided layer to 8+ channels the weight gradient
     is one matrix product (as :class:`Conv2d`'s, with the im2col columns of the output
-    gradient); a float32 layer to at
-    most 4 channels (a decoder's output layer, which vaelab keeps in float32 under bf16
-    autocast) runs its forward pass in ``csrc/convt.c``: on two threads 1.2 against 3.3 ms for
-    the dcgan network's 32 -> 1 layer at batch 128 (MNIST), 6.1 against 11.9 ms for its
-    32 -> 3 layer (3x64x64). Elsewhere, and with ``output_size``, torch's own."""
+    gradient); a float32 layer to at most 4 channels from a multiple of 16, with at most 128
+    (kernel position, output channel) pairs (a decoder's output layer, which vaelab keeps in
+    float32 under bf16 autocast), runs forward and backward in ``csrc/convt.c``: forward +
+    backward on two threads 1.0 against 4.3 ms for the dcgan network's 32 -> 1 layer at batch
+    128 (MNIST), 13.7 against 18.6 ms for its 32 -> 3 layer (3x64x64), 2.5 against 6.4 ms for
+    the conv network's 3x3 32 -> 1 layer (``benchmarks/bench_layers.py --part conv``).
+    Elsewhere, and with ``output_size``, torch's own."""
 
     def forward(self, x: torch.Tensor, output_size=None) -> torch.Tensor:
         y = None if output_size is not None else _fast_conv(self, x)
