@@ -5,8 +5,13 @@
     python benchmarks/bench_train.py --arch conv      # conv: throughput on MNIST and 3x64x64
     python benchmarks/bench_train.py --arch dcgan --steps 30
 
-Each contender trains in its own fresh process, alternating A B A B over ``--rounds`` rounds, with
-``--threads`` torch threads; the table gives every round and the medians.
+Each contender trains in its own fresh process with ``--threads`` torch threads, over ``--rounds``
+rounds; the table gives every round and the medians. MLP: one contender's run after the other's
+(A B A B ...). conv/dcgan: in each round both processes start together and take turns of
+``--turn`` seconds (A B A B ... within the round, each running only while the other waits on a
+pipe), the reference taking the first turn in odd rounds and vaelab in even ones: on a VM whose
+speed drifts by 10-30% over seconds, runs one after the other compare different moments
+(``--sequential`` runs them so, as the tenth session did).
 
 * reference (pytorch/examples ``vae/main.py``): a DataLoader over a TensorDataset of float
   images, shuffle=True, the model's decoder ending in a sigmoid, loss
@@ -73,16 +78,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--arch", choices=ARCHS, default="mlp")
     p.add_argument("--epochs", type=int, default=10, help="MLP: epochs per run (default 10)")
-    p.add_argument("--rounds", type=int, default=3, help="A B rounds (default 3)")
+    p.add_argument(
+        "--rounds", type=int, default=None, help="A B rounds (default: MLP 3, conv/dcgan 4)"
+    )
     p.add_argument("--batch", type=int, default=128)
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     p.add_argument("--quick", action="store_true", help="2 epochs (conv/dcgan: 10 steps), 2 rounds")
     p.add_argument("--target", type=float, default=110.0, help="test -ELBO target, nats")
     p.add_argument("--check-every", type=int, default=25, help="steps between target checks")
     p.add_argument(
-        "--steps", type=int, default=None, help="conv/dcgan: timed steps per run (default 20)"
+        "--steps", type=int, default=None, help="conv/dcgan: timed steps per run (default 100)"
     )
     p.add_argument("--warmup", type=int, default=3, help="conv/dcgan: untimed first steps")
+    p.add_argument(
+        "--turn",
+        type=float,
+        default=1.5,
+        help="conv/dcgan: seconds of steps per turn when the contenders take turns (default 1.5)",
+    )
+    p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="conv/dcgan: one contender's whole run after the other's (the tenth session's "
+        "way), not turns of --turn steps",
+    )
     p.add_argument("--seed", type=int, default=0, help="round r uses seed + r (both contenders)")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto: where both contenders train")
@@ -96,11 +115,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--json", default=None, help="also write every figure to this JSON file")
     p.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # internal: one run
     p.add_argument("--shape", default="mnist", help=argparse.SUPPRESS)
+    p.add_argument("--baton", default=None, help=argparse.SUPPRESS)  # internal: "read_fd,write_fd"
     args = p.parse_args(argv)
+    if args.rounds is None:
+        args.rounds = 3 if args.arch == "mlp" else 4
     if args.quick:
         args.epochs, args.rounds = min(args.epochs, 2), min(args.rounds, 2)
         args.steps = args.steps or 10
-    args.steps = args.steps or 20
+    args.steps = args.steps or 100
     if args.threads is None:
         args.threads = torch.get_num_threads()
     return args
@@ -208,6 +230,42 @@ class Clock:
             sync()
             self.total += time.perf_counter() - self._t0
             self._t0 = None
+
+
+class Baton:
+    """A contender's side of the turns (conv/dcgan): it says it is ready, waits for its turn,
+    and at the first step end ``seconds`` or more into a turn stops its clock, hands the turn
+    back to the parent process and waits for the next. Without ``spec`` (``--sequential``,
+    MLP) nothing waits."""
+
+    def __init__(self, spec: str | None, seconds: float) -> None:
+        self.fds = tuple(int(f) for f in spec.split(",")) if spec else None
+        self.seconds, self.began = seconds, time.perf_counter()
+
+    def _wait(self) -> None:
+        if os.read(self.fds[0], 1) != b"g":
+            raise SystemExit("bench_train: the parent process went away")
+
+    def start(self) -> None:
+        """Ready: wait for the first turn."""
+        if self.fds:
+            os.write(self.fds[1], b"r")
+            self._wait()
+            self.began = time.perf_counter()
+
+    def step_done(self, clock: Clock) -> None:
+        if self.fds and time.perf_counter() - self.began >= self.seconds:
+            running = clock._t0 is not None
+            clock.stop()
+            os.write(self.fds[1], b"d")
+            self._wait()
+            self.began = time.perf_counter()
+            if running:
+                clock.start()
+
+    def finish(self) -> None:
+        if self.fds:
+            os.write(self.fds[1], b"e")
 
 
 @torch.inference_mode()
@@ -382,8 +440,10 @@ def mlp_reference(args, data) -> dict:
 class _Probe:
     """fit() callback: the training clock (stopped for validation and the target checks)."""
 
-    def __init__(self, clock: Clock, watch: TargetWatch | None, warmup: int = 0) -> None:
-        self.clock, self.watch, self.warmup = clock, watch, warmup
+    def __init__(
+        self, clock: Clock, watch: TargetWatch | None, warmup: int = 0, baton: Baton | None = None
+    ) -> None:
+        self.clock, self.watch, self.warmup, self.baton = clock, watch, warmup, baton
 
     def on_train_begin(self, st) -> None:
         if self.warmup == 0:
@@ -396,6 +456,8 @@ class _Probe:
             self.watch.snapshot(st.step, st.model)
         if st.batch == st.steps_per_epoch or st.step == st.total_steps:
             self.clock.stop()  # epoch-end validation and checkpoint follow
+        elif self.baton is not None:
+            self.baton.step_done(self.clock)
 
     def on_epoch_end(self, st, records) -> None:
         if self.watch is not None:
@@ -448,15 +510,21 @@ def throughput_run(args, data) -> dict:
 
     total = args.warmup + args.steps
     clock = Clock()
+    baton = Baton(args.baton, args.turn)
     precision = "float32"
     if args.worker == "vaelab":
         cfg = vaelab_config(args, args.arch, [f"train.max_steps={total}"])
+
+        class Ready:  # the turns start once fit() has set up
+            def on_train_begin(self, st) -> None:
+                baton.start()
+
         precision = fit(
             cfg,
             data=data,
             out_dir=None,
             progress=False,
-            callbacks=[_Probe(clock, None, args.warmup)],
+            callbacks=[Ready(), _Probe(clock, None, args.warmup, baton)],
         ).summary.get("precision")
     else:
         from torch.utils.data import DataLoader, TensorDataset
@@ -469,6 +537,7 @@ def throughput_run(args, data) -> dict:
         loader = DataLoader(TensorDataset(train_x), batch_size=args.batch, shuffle=True)
         model.train()
         step = 0
+        baton.start()
         for (x,) in loader:
             x = x.to(DEVICE)
             optimizer.zero_grad()
@@ -482,7 +551,9 @@ def throughput_run(args, data) -> dict:
                 clock.start()
             if step == total:
                 break
+            baton.step_done(clock)
         clock.stop()
+    baton.finish()
     images = args.steps * args.batch
     return {
         "images": images,
@@ -589,7 +660,7 @@ def matmul_cap(arch: str, shape, batch: int, reps: int = 5) -> dict:
 # ------------------------------------------------------------------------------ the driver
 
 
-def spawn(args, contender: str, shape: str, seed: int) -> dict:
+def _worker_cmd(args, contender: str, shape: str, seed: int) -> list[str]:
     cmd = [
         sys.executable, __file__, "--worker", contender, "--shape", shape, "--arch", args.arch,
         "--epochs", str(args.epochs), "--batch", str(args.batch), "--threads", str(args.threads),
@@ -601,10 +672,67 @@ def spawn(args, contender: str, shape: str, seed: int) -> dict:
         cmd += ["--data-dir", args.data_dir]
     if args.vaelab_set:
         cmd += ["--vaelab-set", *args.vaelab_set]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    return cmd
+
+
+def spawn(args, contender: str, shape: str, seed: int) -> dict:
+    """One contender's whole run in a fresh process."""
+    proc = subprocess.run(_worker_cmd(args, contender, shape, seed), capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"{contender} worker failed:\n{proc.stderr[-4000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def spawn_turns(args, shape: str, seed: int, order: list[str]) -> dict:
+    """Both contenders in fresh processes at once, taking turns of ``args.turn`` seconds (the
+    first of ``order`` first): each runs only while the other waits on a pipe, so both see the
+    machine in the same state. Returns each contender's figures."""
+    import tempfile
+
+    procs = {}
+    try:
+        for c in sorted(order, reverse=os.environ.get("SPAWN_REV") == "1"):
+            go_r, go_w = os.pipe()
+            done_r, done_w = os.pipe()
+            err = tempfile.TemporaryFile(mode="w+")
+            cmd = _worker_cmd(args, c, shape, seed) + ["--baton", f"{go_r},{done_w}"]
+            cmd += ["--turn", str(args.turn)]
+            p = subprocess.Popen(
+                cmd, stdout=subprocess.PIPE, stderr=err, text=True, pass_fds=(go_r, done_w)
+            )
+            os.close(go_r)
+            os.close(done_w)
+            procs[c] = (p, go_w, done_r, err)
+        for c in order:  # both set up (concurrently) before the first turn
+            if os.read(procs[c][2], 1) != b"r":
+                raise RuntimeError(f"{c} worker failed before its first step")
+        active = list(order)
+        while active:
+            for c in list(active):
+                _, go_w, done_r, _ = procs[c]
+                os.write(go_w, b"g")
+                if os.read(done_r, 1) in (b"e", b""):  # finished (or died)
+                    active.remove(c)
+        out = {}
+        for c in order:
+            p, go_w, done_r, err = procs[c]
+            stdout, _ = p.communicate()
+            if p.returncode != 0:
+                err.seek(0)
+                raise RuntimeError(f"{c} worker failed:\n{err.read()[-4000:]}")
+            out[c] = json.loads(stdout.strip().splitlines()[-1])
+        return out
+    finally:
+        for p, go_w, done_r, err in procs.values():
+            for fd in (go_w, done_r):
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+            err.close()
 
 
 def cpu_model() -> str:
@@ -654,6 +782,7 @@ def main() -> None:
         f"{args.epochs} epochs of MNIST"
         if args.arch == "mlp"
         else f"{args.steps} timed steps after {args.warmup}"
+        + (", one run after the other" if args.sequential else f", turns of {args.turn:g} s")
     )
     print(
         f"bench_train: arch {args.arch}, batch {args.batch}, {what}, {args.rounds} rounds, "
@@ -674,12 +803,22 @@ def main() -> None:
             f"{'round':>5} {'contender':>10} {'load1':>6} {'img/s':>8} {'cap share':>9} "
             f"{'test ELBO':>10} {'s to ' + format(args.target, 'g'):>9} {'peak MB':>8}"
         )
+        turns = args.arch != "mlp" and not args.sequential and len(contenders) == 2
         for r in range(args.rounds):
-            for c in contenders:
+            paired = {}
+            if turns:  # the reference takes the first turn in odd rounds, vaelab in even
                 cap = matmul_cap(args.arch, img_shape, args.batch)
                 load1 = os.getloadavg()[0]
-                res = spawn(args, c, shape, args.seed + r)  # both contenders: the same seed
+                order = contenders if r % 2 == 0 else contenders[::-1]
+                paired = spawn_turns(args, shape, args.seed + r, order)
                 cap_after = matmul_cap(args.arch, img_shape, args.batch)
+            for c in contenders:
+                if not turns:
+                    cap = matmul_cap(args.arch, img_shape, args.batch)
+                    load1 = os.getloadavg()[0]
+                res = paired.get(c) or spawn(args, c, shape, args.seed + r)  # same seed for both
+                if not turns:
+                    cap_after = matmul_cap(args.arch, img_shape, args.batch)
                 cap_s = min(cap["step_s"], cap_after["step_s"])
                 caps.append(
                     {**cap, "step_s": cap_s, "issue_s": min(cap["issue_s"], cap_after["issue_s"])}
