@@ -34,6 +34,20 @@
 #define STOREV(p, v) (*(vec *)(p) = (v))
 #define ALWAYS_INLINE static inline __attribute__((always_inline))
 
+/* CALL(k, block_k) for the vector count nv = k (1..8): the switch that makes each count a
+ * compile-time constant of the always-inlined kernels (their sums then live in registers) */
+#define BY_NV(nv, CALL, b1, b2, b3, b4, b5, b6, b7, b8) \
+  switch (nv) {                                           \
+    case 1: CALL(1, b1); break;                           \
+    case 2: CALL(2, b2); break;                           \
+    case 3: CALL(3, b3); break;                           \
+    case 4: CALL(4, b4); break;                           \
+    case 5: CALL(5, b5); break;                           \
+    case 6: CALL(6, b6); break;                           \
+    case 7: CALL(7, b7); break;                           \
+    default: CALL(8, b8); break;                          \
+  }
+
 /* dst[k] = src[idx[k]], or 0 where idx[k] < 0, for k < m (a multiple of V): the gathers that
  * move the sums of taps to the output pixels and the output gradient to the taps, through index
  * tables made once per call (the same for every image). */
@@ -87,16 +101,9 @@ ALWAYS_INLINE void taps_of(const float *x, int64_t P, int64_t ci, const float *w
 }
 
 static void taps(const float *x, int64_t P, int64_t ci, const float *w, float *t, int64_t nv) {
-  switch (nv) { /* 4 pixels share each weight load up to 4 vectors, 2 beyond */
-    case 1: taps_of(x, P, ci, w, t, 1, 4); break;
-    case 2: taps_of(x, P, ci, w, t, 2, 4); break;
-    case 3: taps_of(x, P, ci, w, t, 3, 4); break;
-    case 4: taps_of(x, P, ci, w, t, 4, 4); break;
-    case 5: taps_of(x, P, ci, w, t, 5, 2); break;
-    case 6: taps_of(x, P, ci, w, t, 6, 2); break;
-    case 7: taps_of(x, P, ci, w, t, 7, 2); break;
-    default: taps_of(x, P, ci, w, t, 8, 2); break;
-  }
+#define TAPS(k, pixels) taps_of(x, P, ci, w, t, k, pixels)
+  BY_NV(nv, TAPS, 4, 4, 4, 4, 2, 2, 2, 2) /* 4 pixels share each weight load up to 4 vectors */
+#undef TAPS
 }
 
 static void forward_part(void *arg) {
@@ -231,16 +238,9 @@ ALWAYS_INLINE void weight_part_of(const float *x, const float *g, int64_t P, int
 
 static void weight_part(const float *x, const float *g, int64_t P, int64_t ci, float *part,
                         int64_t nv) {
-  switch (nv) { /* cb channels x nv vectors of sums: at most 24 registers */
-    case 1: weight_part_of(x, g, P, ci, part, 1, 8); break;
-    case 2: weight_part_of(x, g, P, ci, part, 2, 8); break;
-    case 3: weight_part_of(x, g, P, ci, part, 3, 8); break;
-    case 4: weight_part_of(x, g, P, ci, part, 4, 4); break;
-    case 5: weight_part_of(x, g, P, ci, part, 5, 4); break;
-    case 6: weight_part_of(x, g, P, ci, part, 6, 4); break;
-    case 7: weight_part_of(x, g, P, ci, part, 7, 2); break;
-    default: weight_part_of(x, g, P, ci, part, 8, 2); break;
-  }
+#define PART(k, channels) weight_part_of(x, g, P, ci, part, k, channels)
+  BY_NV(nv, PART, 8, 8, 8, 4, 4, 4, 2, 2) /* channels x nv vectors of sums: <= 24 registers */
+#undef PART
 }
 
 static void backward_part(void *arg) {
