@@ -100,7 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--sequential",
         action="store_true",
         help="conv/dcgan: one contender's whole run after the other's (the tenth session's "
-        "way), not turns of --turn steps",
+        "way), not turns of --turn seconds",
     )
     p.add_argument("--seed", type=int, default=0, help="round r uses seed + r (both contenders)")
     p.add_argument("--data-dir", default=None)
@@ -225,6 +225,10 @@ class Clock:
             sync()
             self._t0 = time.perf_counter()
 
+    @property
+    def running(self) -> bool:
+        return self._t0 is not None
+
     def stop(self) -> None:
         if self._t0 is not None:
             sync()
@@ -255,7 +259,7 @@ class Baton:
 
     def step_done(self, clock: Clock) -> None:
         if self.fds and time.perf_counter() - self.began >= self.seconds:
-            running = clock._t0 is not None
+            running = clock.running
             clock.stop()
             os.write(self.fds[1], b"d")
             self._wait()
@@ -691,7 +695,7 @@ def spawn_turns(args, shape: str, seed: int, order: list[str]) -> dict:
 
     procs = {}
     try:
-        for c in sorted(order, reverse=os.environ.get("SPAWN_REV") == "1"):
+        for c in order:
             go_r, go_w = os.pipe()
             done_r, done_w = os.pipe()
             err = tempfile.TemporaryFile(mode="w+")
@@ -705,7 +709,9 @@ def spawn_turns(args, shape: str, seed: int, order: list[str]) -> dict:
             procs[c] = (p, go_w, done_r, err)
         for c in order:  # both set up (concurrently) before the first turn
             if os.read(procs[c][2], 1) != b"r":
-                raise RuntimeError(f"{c} worker failed before its first step")
+                procs[c][0].wait()
+                procs[c][3].seek(0)
+                raise RuntimeError(f"{c} worker failed:\n{procs[c][3].read()[-4000:]}")
         active = list(order)
         while active:
             for c in list(active):
