@@ -198,7 +198,7 @@ CONVT_CASES = [  # in, out channels, kernel, stride, padding, output padding
 ]
 
 
-def _convt_args(x, weight, co, k, s, p, shape):
+def _convt_args(x, co, k, s, p, shape):
     """The geometry arguments of csrc/convt.c's entry points."""
     n, ci, hi, wi = x.shape
     return (n, hi, wi, ci), (co, k, k, s, s, p, p, *shape)
@@ -224,7 +224,7 @@ def test_few_channel_kernels_are_torchs_transposed_convolution():
         w = torch.zeros(ci, -(-taps // 16) * 16)
         w[:, :taps] = weight.detach().float().permute(0, 2, 3, 1).reshape(ci, taps)
         wg = weight.detach().float().permute(2, 3, 1, 0).reshape(taps, ci).contiguous()
-        image, geometry = _convt_args(x32, weight, co, k, s, p, want.shape[2:])
+        image, geometry = _convt_args(x32, co, k, s, p, want.shape[2:])
         for layout in ("nhwc", "nchw", "sliced"):
             g = gy.float()
             if layout == "nhwc":
@@ -282,7 +282,7 @@ def test_few_channel_kernels_are_torchs_transposed_convolution():
         assert torch.equal(only_gx, gx) and torch.equal(only_gw, gw)
     # sizes the kernels do not take: -1 (the layer then runs torch's own)
     x32 = torch.randn(2, 16, 3, 3).contiguous(memory_format=CL)
-    image, geometry = _convt_args(x32, None, 5, 4, 2, 1, (6, 6))
+    image, geometry = _convt_args(x32, 5, 4, 2, 1, (6, 6))
     y = torch.empty(2, 6, 6, 5)
     assert forward(x32.data_ptr(), *image, y.data_ptr(), *geometry, None, y.data_ptr(), 1) == -1
 

@@ -345,7 +345,8 @@ class _FewChannelConvTranspose(torch.autograd.Function):
         ho = (hi - 1) * sh - 2 * ph + kh + layer.output_padding[0]
         wo = (wi - 1) * sw - 2 * pw + kw + layer.output_padding[1]
         taps = kh * kw * co
-        w = weight.new_zeros(ci, -(-taps // 16) * 16)  # (ci, taps) padded to whole vectors
+        ctx.width = -(-taps // 16) * 16  # taps padded to whole vectors of 16
+        w = weight.new_zeros(ci, ctx.width)
         w[:, :taps] = weight.detach().permute(0, 2, 3, 1).reshape(ci, taps)
         y = torch.empty((n, co, ho, wo), memory_format=torch.channels_last)
         geometry = (co, kh, kw, sh, sw, ph, pw, ho, wo)
@@ -354,7 +355,7 @@ class _FewChannelConvTranspose(torch.autograd.Function):
         ctx.save_for_backward(x, weight)
         status = kernels[0](
             x.data_ptr(), n, hi, wi, ci, w.data_ptr(), *geometry,
-            None if bias is None else bias.detach().contiguous().data_ptr(), y.data_ptr(),
+            _ptr(None if bias is None else bias.detach().contiguous()), y.data_ptr(),
             torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
@@ -370,13 +371,12 @@ class _FewChannelConvTranspose(torch.autograd.Function):
         co, kh, kw = ctx.geometry[:3]
         taps = kh * kw * co
         gx = torch.empty_like(x) if want_x else None  # x is channels-last
-        gw = x.new_empty(ci, -(-taps // 16) * 16) if want_w else None
+        gw = x.new_empty(ci, ctx.width) if want_w else None
         wg = weight.detach().permute(2, 3, 1, 0).reshape(taps, ci).contiguous()
         strides = torch.tensor(gy.stride(), dtype=torch.int64)
         status = ctx.kernels[1](
             x.data_ptr(), gy.data_ptr(), strides.data_ptr(), n, hi, wi, ci, wg.data_ptr(),
-            *ctx.geometry, None if gx is None else gx.data_ptr(),
-            None if gw is None else gw.data_ptr(), torch.get_num_threads(),
+            *ctx.geometry, _ptr(gx), _ptr(gw), torch.get_num_threads(),
         )  # fmt: skip
         if status != 0:
             gx, gw, gb = torch.ops.aten.convolution_backward(
